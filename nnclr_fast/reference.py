@@ -1,0 +1,167 @@
+"""Plain-PyTorch definitions of every nnclr_fast kernel.
+
+These functions *are* the semantics: the Triton kernels and the C++/CUDA ops are tested against
+them, and the chunked functions double as the CPU implementation (bounded memory: they never hold
+the full B x K similarity matrix).
+
+Search semantics shared by every path:
+  * queries are L2-normalised in float32 exactly as ``F.normalize`` does (eps = 1e-12, so an
+    all-zero query stays zero and scores 0 against every row);
+  * only queue rows ``[0, valid)`` are searched;
+  * a NaN similarity ranks as ``-inf`` (it never beats a real one);
+  * ties go to the lowest queue index, as ``torch.argmax`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NORMALIZE_EPS = 1e-12
+
+# Queue rows scored per chunk by the chunked CPU path: B x CHUNK float32 scores stay small
+# (B=1024 -> 32 MiB) whatever K is.
+DEFAULT_CHUNK_ROWS = 8192
+
+
+def normalize_queries(z: torch.Tensor) -> torch.Tensor:
+    """Row-wise L2 normalisation in float32, identical to ``F.normalize(z.float(), dim=1)``."""
+    return F.normalize(z.float(), dim=1, eps=NORMALIZE_EPS)
+
+
+def normalize_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Vector-Jacobian product of :func:`normalize_queries` at ``z``, returned in z's dtype.
+
+    This is the straight-through gradient: d/dz of ``F.normalize(z) + (nn - F.normalize(z)).detach()``.
+    """
+    z32 = z.float()
+    norm = z32.norm(dim=1, keepdim=True)
+    denom = norm.clamp_min(NORMALIZE_EPS)
+    y = z32 / denom
+    g = grad.float()
+    # Above eps the Jacobian is (I - y y^T) / ||z||; at or below eps F.normalize divides by the
+    # constant eps, whose Jacobian is I / eps.
+    projected = g - y * (y * g).sum(dim=1, keepdim=True)
+    grad_z = torch.where(norm > NORMALIZE_EPS, projected, g) / denom
+    return grad_z.to(z.dtype)
+
+
+def _search_operands(z: torch.Tensor, queue: torch.Tensor, precision: str):
+    """float32 operands of the similarity matmul, rounded as the kernel rounds them.
+
+    With precision="default" and a 16-bit queue the kernel feeds the normalised query to the
+    tensor cores in the queue's dtype, so the reference rounds it the same way (the products of
+    two 16-bit values are exact in float32). float32 queues are compared in exact float32 here;
+    the kernel's TF32 default is checked against this within TF32's tolerance.
+    """
+    zn = normalize_queries(z)
+    if precision == "default" and queue.dtype in (torch.bfloat16, torch.float16):
+        zn = zn.to(queue.dtype).float()
+    return zn, queue
+
+
+def _scores(zn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    sims = zn @ rows.float().T
+    return sims.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+
+def reference_nn_topk(
+    z: torch.Tensor,
+    queue: torch.Tensor,
+    k: int = 1,
+    valid: int | None = None,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) float32 similarities and int64 indices, best first, by materialising B x valid."""
+    valid = queue.shape[0] if valid is None else int(valid)
+    zn, q = _search_operands(z, queue, precision)
+    sims = _scores(zn, q[:valid])
+    # A stable descending sort keeps equal scores in index order: ties go to the lowest index.
+    values, order = torch.sort(sims, dim=1, descending=True, stable=True)
+    return values[:, :k].contiguous(), order[:, :k].contiguous()
+
+
+def reference_nn_lookup(
+    z: torch.Tensor,
+    queue: torch.Tensor,
+    valid: int | None = None,
+    precision: str = "ieee",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest queue row of every query (in z's dtype) and its int64 index: normalise, matmul,
+    argmax, gather."""
+    valid = queue.shape[0] if valid is None else int(valid)
+    zn, q = _search_operands(z, queue, precision)
+    idx = _scores(zn, q[:valid]).argmax(dim=1)
+    return queue.index_select(0, idx).to(z.dtype), idx
+
+
+def chunked_nn_topk(
+    z: torch.Tensor,
+    queue: torch.Tensor,
+    k: int,
+    valid: int | torch.Tensor | None = None,
+    precision: str = "ieee",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as :func:`reference_nn_topk`, scoring at most ``chunk_rows`` queue rows at a time.
+
+    ``valid`` may be a 0-dim tensor: rows at or past it are masked on the device, so reading it
+    never syncs the host (all chunks are scored; the mask costs nothing extra).
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    num_rows = queue.shape[0]
+    if valid is None:
+        valid = num_rows
+    zn, q = _search_operands(z, queue, precision)
+    best_vals = zn.new_full((zn.shape[0], 0), float("-inf"))
+    best_idx = torch.empty((zn.shape[0], 0), dtype=torch.int64, device=zn.device)
+    stop = num_rows if isinstance(valid, torch.Tensor) else min(int(valid), num_rows)
+    for start in range(0, stop, chunk_rows):
+        end = min(start + chunk_rows, stop)
+        sims = _scores(zn, q[start:end])
+        rows = torch.arange(start, end, device=zn.device)
+        if isinstance(valid, torch.Tensor):
+            sims = sims.masked_fill(rows >= valid, float("-inf"))
+        # Candidates stay in ascending index order (earlier chunks first, each chunk's
+        # survivors already sorted index-first within equal scores), so a stable sort keeps
+        # ties on the lowest index.
+        vals = torch.cat([best_vals, sims], dim=1)
+        idx = torch.cat([best_idx, rows.expand(zn.shape[0], -1)], dim=1)
+        idx_order = idx.argsort(dim=1, stable=True)
+        vals, idx = vals.gather(1, idx_order), idx.gather(1, idx_order)
+        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
+        best_vals, best_idx = vals.gather(1, order), idx.gather(1, order)
+    return best_vals, best_idx
+
+
+def chunked_nn_lookup(
+    z: torch.Tensor,
+    queue: torch.Tensor,
+    valid: int | torch.Tensor | None = None,
+    precision: str = "ieee",
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same result as :func:`reference_nn_lookup` with memory bounded by ``chunk_rows``."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    num_rows = queue.shape[0]
+    if valid is None:
+        valid = num_rows
+    zn, q = _search_operands(z, queue, precision)
+    best_val = zn.new_full((zn.shape[0],), float("-inf"))
+    best_idx = torch.zeros(zn.shape[0], dtype=torch.int64, device=zn.device)
+    stop = num_rows if isinstance(valid, torch.Tensor) else min(int(valid), num_rows)
+    for start in range(0, stop, chunk_rows):
+        end = min(start + chunk_rows, stop)
+        sims = _scores(zn, q[start:end])
+        if isinstance(valid, torch.Tensor):
+            rows = torch.arange(start, end, device=zn.device)
+            sims = sims.masked_fill(rows >= valid, float("-inf"))
+        # max() returns the first maximal index and the strict '>' keeps earlier chunks on
+        # ties, so ties go to the lowest index as with torch.argmax.
+        chunk_val, chunk_idx = sims.max(dim=1)
+        better = chunk_val > best_val
+        best_val = torch.where(better, chunk_val, best_val)
+        best_idx = torch.where(better, chunk_idx + start, best_idx)
+    return queue.index_select(0, best_idx).to(z.dtype), best_idx
