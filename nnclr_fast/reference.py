@@ -24,9 +24,14 @@ NORMALIZE_EPS = 1e-12
 DEFAULT_CHUNK_ROWS = 8192
 
 
+def compute_dtype(z: torch.Tensor) -> torch.dtype:
+    """float32 accumulation; float64 inputs (CPU only, used by gradcheck) stay float64."""
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
 def normalize_queries(z: torch.Tensor) -> torch.Tensor:
     """Row-wise L2 normalisation in float32, identical to ``F.normalize(z.float(), dim=1)``."""
-    return F.normalize(z.float(), dim=1, eps=NORMALIZE_EPS)
+    return F.normalize(z.to(compute_dtype(z)), dim=1, eps=NORMALIZE_EPS)
 
 
 def normalize_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -34,11 +39,11 @@ def normalize_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
     This is the straight-through gradient: d/dz of ``F.normalize(z) + (nn - F.normalize(z)).detach()``.
     """
-    z32 = z.float()
-    norm = z32.norm(dim=1, keepdim=True)
+    zc = z.to(compute_dtype(z))
+    norm = zc.norm(dim=1, keepdim=True)
     denom = norm.clamp_min(NORMALIZE_EPS)
-    y = z32 / denom
-    g = grad.float()
+    y = zc / denom
+    g = grad.to(zc.dtype)
     # Above eps the Jacobian is (I - y y^T) / ||z||; at or below eps F.normalize divides by the
     # constant eps, whose Jacobian is I / eps.
     projected = g - y * (y * g).sum(dim=1, keepdim=True)
@@ -61,7 +66,7 @@ def _search_operands(z: torch.Tensor, queue: torch.Tensor, precision: str):
 
 
 def _scores(zn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    sims = zn @ rows.float().T
+    sims = zn @ rows.to(zn.dtype).T
     return sims.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 

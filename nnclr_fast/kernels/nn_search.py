@@ -1,0 +1,329 @@
+"""Fused nearest-neighbour search: normalise queries, score every queue row, keep the best.
+
+Stage 1 (`_nn_search_partial_kernel`) is the heavy one. The grid is (query blocks, queue splits):
+each program owns BLOCK_B queries and one contiguous slice of the queue, streams that slice once
+in BLOCK_K-row tiles, and keeps a running top-k of (score, index) per query in registers. Scores
+live only tile by tile: the B x K similarity matrix never exists. Splitting the queue axis fills
+the GPU even when B / BLOCK_B alone would leave most SMs idle (B=512 is 8 query blocks).
+
+Stage 2 combines the per-split winners. For k == 1, `_nn_combine_gather_kernel` picks the winning
+split and copies the winning queue row straight into the output (the gather is fused there);
+for k > 1 the host side merges the (B, splits * k) candidates with a stable sort.
+
+Ordering contract (matches nnclr_fast.reference): higher score first, NaN scores never win,
+ties go to the lowest queue index.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from nnclr_fast.reference import NORMALIZE_EPS
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _search_configs():
+    if interpreting():
+        # The interpreter cannot benchmark, and small tiles keep it quick.
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_K": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_B": bb, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bb, bk, w, s in [
+            (64, 64, 4, 3),
+            (64, 128, 4, 3),
+            (64, 128, 8, 3),
+            (128, 64, 4, 3),
+            (128, 128, 8, 3),
+            (128, 128, 8, 4),
+            (64, 256, 8, 3),
+            (32, 128, 4, 4),
+            (16, 128, 4, 4),
+        ]
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # Query blocks much larger than the batch only waste tensor-core work.
+    batch = named_args["B"]
+    kept = [c for c in configs if c.kwargs["BLOCK_B"] <= max(16, triton.next_power_of_2(batch))]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _similarity_dot(zn, q, acc, IEEE: tl.constexpr, LOW_PRECISION_QUEUE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc += zn @ q.T at the requested precision (zn float32 normalised queries, q raw queue rows)."""
+    if IEEE:
+        acc = tl.dot(zn, tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
+    elif LOW_PRECISION_QUEUE:
+        # bf16/fp16 tensor cores: the query is rounded to the queue's dtype.
+        zq = zn.to(q.dtype)
+        if UPCAST_DOT:
+            # The Triton interpreter mis-computes 16-bit dots; the product of two 16-bit values is
+            # exact in float32, so the upcast dot gives the tensor-core numbers.
+            acc = tl.dot(zq.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(zq, tl.trans(q), acc)
+    else:
+        acc = tl.dot(zn, tl.trans(q), acc, input_precision="tf32")
+    return acc
+
+
+@triton.autotune(
+    configs=_search_configs(),
+    key=["B", "D", "TOPK", "IEEE"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
+@triton.jit
+def _nn_search_partial_kernel(
+    z_ptr,
+    q_ptr,
+    valid_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    B,
+    K,
+    D,
+    split_rows,
+    stride_zb,
+    stride_zd,
+    stride_qk,
+    stride_qd,
+    eps,
+    HAS_VALID: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
+    IEEE: tl.constexpr,
+    LOW_PRECISION_QUEUE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    SINGLE_D_TILE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+
+    rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rows_b < B
+    offs_d = tl.arange(0, BLOCK_D)
+    z_rows = z_ptr + rows_b.to(tl.int64)[:, None] * stride_zb
+
+    # Pass 1 over D: the L2 norm of each query, clamped like F.normalize.
+    sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & (d[None, :] < D), other=0.0)
+        zc = zc.to(tl.float32)
+        sq += tl.sum(zc * zc, axis=1)
+    denom = tl.maximum(tl.sqrt(sq), eps)
+
+    stop = K
+    if HAS_VALID:
+        # Clamped so that a bad device-side count can never read outside the queue.
+        stop = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int32), 1), K)
+    start = pid_s * split_rows
+    end = tl.minimum(start + split_rows, stop)
+
+    slot = tl.arange(0, TOPK_PAD)
+    # Empty slots hold -inf with distinct placeholder indices (the split's first rows, so a query
+    # with no finite score falls back to the lowest indices, as the reference does). Padding slots
+    # hold +inf so they are never the slot a new candidate evicts.
+    run_val = tl.where(slot[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros((BLOCK_B, TOPK_PAD), tl.float32)
+    run_idx = (start + slot)[None, :] + tl.zeros((BLOCK_B, TOPK_PAD), tl.int32)
+
+    if SINGLE_D_TILE:
+        # D fits one tile: normalise the queries once and keep them in registers for the whole split.
+        zn_resident = tl.load(
+            z_rows + offs_d[None, :] * stride_zd, mask=mask_b[:, None] & (offs_d[None, :] < D), other=0.0
+        ).to(tl.float32) / denom[:, None]
+
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(start, end, BLOCK_K):
+        rows_k = k0 + offs_k
+        mask_k = rows_k < end
+        q_rows = q_ptr + rows_k.to(tl.int64)[:, None] * stride_qk
+        acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        if SINGLE_D_TILE:
+            q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=mask_k[:, None] & (offs_d[None, :] < D), other=0.0)
+            acc = _similarity_dot(zn_resident, q, acc, IEEE, LOW_PRECISION_QUEUE, UPCAST_DOT)
+        else:
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                mask_d = d < D
+                zn = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+                zn = zn.to(tl.float32) / denom[:, None]
+                q = tl.load(q_rows + d[None, :] * stride_qd, mask=mask_k[:, None] & mask_d[None, :], other=0.0)
+                acc = _similarity_dot(zn, q, acc, IEEE, LOW_PRECISION_QUEUE, UPCAST_DOT)
+        # NaN scores rank as -inf (acc != acc only for NaN), like rows past the end.
+        scores = tl.where(mask_k[None, :] & (acc == acc), acc, float("-inf"))
+
+        for _ in tl.static_range(TOPK):
+            # Best remaining candidate of this tile, lowest index on ties...
+            best = tl.max(scores, axis=1)
+            best_idx = tl.min(tl.where(scores == best[:, None], rows_k[None, :], 2147483647), axis=1)
+            # ...replaces the worst running entry if strictly better. Among equally-bad entries the
+            # highest index goes first, so surviving ties keep the lowest indices. A later tile
+            # never ties its way in: its indices are all higher.
+            worst = tl.min(run_val, axis=1)
+            worst_idx = tl.max(tl.where(run_val == worst[:, None], run_idx, -1), axis=1)
+            evict = (run_val == worst[:, None]) & (run_idx == worst_idx[:, None]) & (best > worst)[:, None]
+            run_val = tl.where(evict, best[:, None], run_val)
+            run_idx = tl.where(evict, best_idx[:, None], run_idx)
+            if TOPK > 1:
+                scores = tl.where(rows_k[None, :] == best_idx[:, None], float("-inf"), scores)
+
+    # Partial results are laid out (query, split, slot) so stage 2 reads each query contiguously.
+    out_off = (rows_b[:, None] * num_splits + pid_s) * TOPK + slot[None, :]
+    out_mask = mask_b[:, None] & (slot[None, :] < TOPK)
+    tl.store(part_val_ptr + out_off, run_val, mask=out_mask)
+    tl.store(part_idx_ptr + out_off, run_idx.to(tl.int64), mask=out_mask)
+
+
+@triton.jit
+def _nn_combine_gather_kernel(
+    part_val_ptr,
+    part_idx_ptr,
+    q_ptr,
+    out_ptr,
+    idx_out_ptr,
+    D,
+    num_splits,
+    stride_qk,
+    stride_qd,
+    stride_ob,
+    stride_od,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)
+    best_val = float("-inf")
+    best_idx = tl.load(part_idx_ptr + row * num_splits).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        mask = s < num_splits
+        vals = tl.load(part_val_ptr + row * num_splits + s, mask=mask, other=float("-inf"))
+        idxs = tl.load(part_idx_ptr + row * num_splits + s, mask=mask, other=0)
+        block_best = tl.max(vals, axis=0)
+        # Splits cover increasing index ranges, so the lowest index among equal scores wins.
+        block_idx = tl.min(tl.where(vals == block_best, idxs, 9223372036854775807), axis=0)
+        better = block_best > best_val
+        best_idx = tl.where(better, block_idx, best_idx)
+        best_val = tl.maximum(best_val, block_best)
+    tl.store(idx_out_ptr + row, best_idx)
+
+    offs_d = tl.arange(0, BLOCK_D)
+    src = q_ptr + best_idx * stride_qk
+    dst = out_ptr + row.to(tl.int64) * stride_ob
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d < D
+        v = tl.load(src + d * stride_qd, mask=mask_d)
+        tl.store(dst + d * stride_od, v.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers. Inputs are already validated by nnclr_fast.lookup.
+
+# Largest k the register-resident running top-k handles; larger k takes the chunked path.
+MAX_KERNEL_TOPK = 16
+_LOW_PRECISION = {torch.bfloat16, torch.float16}
+
+
+def _split_rows(batch: int, num_rows: int, device: torch.device) -> int:
+    """Queue rows per program along the split axis.
+
+    Aim for ~4 waves of programs over the SMs, assuming 64-query blocks, while keeping each split
+    long enough (>= 4 tiles) that the per-split top-k and the stage-2 merge stay negligible.
+    Rounded to a multiple of the largest BLOCK_K so tiles never straddle two splits.
+    """
+    align = 32 if interpreting() else 256
+    if interpreting():
+        # Small splits so that the CPU tests exercise the cross-split merge.
+        return align
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    query_blocks = triton.cdiv(batch, 64)
+    target_splits = max(1, (4 * sms) // query_blocks)
+    rows = max(4 * align, triton.cdiv(num_rows, target_splits))
+    return triton.cdiv(rows, align) * align
+
+
+def _search_partials(z, queue, valid, k, ieee):
+    batch, dim = z.shape
+    num_rows = queue.shape[0]
+    split_rows = _split_rows(batch, num_rows, z.device)
+    num_splits = triton.cdiv(num_rows, split_rows)
+    part_val = torch.empty((batch, num_splits, k), dtype=torch.float32, device=z.device)
+    part_idx = torch.empty((batch, num_splits, k), dtype=torch.int64, device=z.device)
+    block_d = min(max(triton.next_power_of_2(dim), 16), 256 if dim <= 256 else 128)
+    grid = lambda meta: (triton.cdiv(batch, meta["BLOCK_B"]), num_splits)  # noqa: E731
+    _nn_search_partial_kernel[grid](
+        z,
+        queue,
+        valid if valid is not None else part_idx,  # never read when HAS_VALID is False
+        part_val,
+        part_idx,
+        batch,
+        num_rows,
+        dim,
+        split_rows,
+        z.stride(0),
+        z.stride(1),
+        queue.stride(0),
+        queue.stride(1),
+        NORMALIZE_EPS,
+        HAS_VALID=valid is not None,
+        TOPK=k,
+        TOPK_PAD=triton.next_power_of_2(k),
+        IEEE=ieee,
+        LOW_PRECISION_QUEUE=queue.dtype in _LOW_PRECISION,
+        UPCAST_DOT=interpreting(),
+        BLOCK_D=block_d,
+        SINGLE_D_TILE=dim <= block_d,
+    )
+    return part_val, part_idx
+
+
+def triton_nn_lookup(z, queue, valid, ieee):
+    """(nearest rows in z's dtype, int64 indices) for 2-D z and queue on one device."""
+    part_val, part_idx = _search_partials(z, queue, valid, 1, ieee)
+    batch, dim = z.shape
+    num_splits = part_val.shape[1]
+    out = torch.empty((batch, dim), dtype=z.dtype, device=z.device)
+    idx = torch.empty((batch,), dtype=torch.int64, device=z.device)
+    _nn_combine_gather_kernel[(batch,)](
+        part_val,
+        part_idx,
+        queue,
+        out,
+        idx,
+        dim,
+        num_splits,
+        queue.stride(0),
+        queue.stride(1),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_S=min(triton.next_power_of_2(num_splits), 1024),
+        BLOCK_D=min(triton.next_power_of_2(dim), 1024),
+    )
+    return out, idx
+
+
+def triton_nn_topk(z, queue, k, valid, ieee):
+    """(B, k) float32 scores and int64 indices, best first, for k <= MAX_KERNEL_TOPK."""
+    part_val, part_idx = _search_partials(z, queue, valid, k, ieee)
+    batch = z.shape[0]
+    vals = part_val.reshape(batch, -1)
+    idx = part_idx.reshape(batch, -1)
+    # Two stable sorts order by (score desc, index asc): equal scores keep the lowest index.
+    by_index = idx.argsort(dim=1, stable=True)
+    vals, idx = vals.gather(1, by_index), idx.gather(1, by_index)
+    by_score = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return vals.gather(1, by_score), idx.gather(1, by_score)

@@ -1,0 +1,236 @@
+"""Public nearest-neighbour API: argument checks, device dispatch, autograd.
+
+`nn_lookup` and `nn_topk` are registered as PyTorch custom ops (``torch.ops.nnclr_fast.*``) with
+fake implementations, so ``torch.compile`` treats them as single opaque nodes (no graph break)
+and nothing in them syncs the host, so a step that calls them can be captured in a CUDA graph.
+
+Dispatch:
+  * CUDA tensors run the fused Triton kernel (nnclr_fast/kernels/nn_search.py);
+  * CPU tensors run the chunked plain-PyTorch path (nnclr_fast/reference.py), or, under
+    ``TRITON_INTERPRET=1``, the Triton kernel itself in the interpreter (how CI proves it);
+  * float64 inputs (CPU only, for gradcheck) and ``nn_topk`` with k > 16 take the chunked path.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from nnclr_fast.reference import chunked_nn_lookup, chunked_nn_topk, normalize_backward
+
+PRECISIONS = ("default", "ieee")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_path(z: Tensor, queue: Tensor) -> bool:
+    if z.dtype == torch.float64 or queue.dtype == torch.float64:
+        return False
+    if z.device.type == "cuda":
+        return True
+    from nnclr_fast.kernels.nn_search import interpreting
+
+    return z.device.type == "cpu" and interpreting()
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops. `valid` here is an optional 0-dim device tensor; an int `valid` was already
+# applied by slicing the queue (a view, no copy).
+
+
+@torch.library.custom_op("nnclr_fast::nn_lookup", mutates_args=())
+def _nn_lookup_op(
+    z: Tensor, queue: Tensor, valid: Optional[Tensor], ieee: bool, straight_through: bool
+) -> tuple[Tensor, Tensor]:
+    if _triton_path(z, queue):
+        from nnclr_fast.kernels.nn_search import triton_nn_lookup
+
+        return triton_nn_lookup(z, queue, valid, ieee)
+    return chunked_nn_lookup(z, queue, valid, "ieee" if ieee else "default")
+
+
+@_nn_lookup_op.register_fake
+def _(z, queue, valid, ieee, straight_through):
+    return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
+
+
+def _nn_lookup_setup_context(ctx, inputs, output):
+    z, _, _, _, straight_through = inputs
+    ctx.straight_through = straight_through
+    ctx.save_for_backward(z if straight_through else None)
+
+
+def _nn_lookup_backward(ctx, grad_out, grad_idx):
+    # Never a gradient to the queue: it is a memory of past, detached embeddings.
+    if not ctx.straight_through:
+        return None, None, None, None, None
+    (z,) = ctx.saved_tensors
+    return normalize_backward(z, grad_out), None, None, None, None
+
+
+torch.library.register_autograd(
+    "nnclr_fast::nn_lookup", _nn_lookup_backward, setup_context=_nn_lookup_setup_context
+)
+
+
+@torch.library.custom_op("nnclr_fast::nn_topk", mutates_args=())
+def _nn_topk_op(z: Tensor, queue: Tensor, k: int, valid: Optional[Tensor], ieee: bool) -> tuple[Tensor, Tensor]:
+    from nnclr_fast.kernels.nn_search import MAX_KERNEL_TOPK
+
+    if k <= MAX_KERNEL_TOPK and _triton_path(z, queue):
+        from nnclr_fast.kernels.nn_search import triton_nn_topk
+
+        return triton_nn_topk(z, queue, k, valid, ieee)
+    values, indices = chunked_nn_topk(z, queue, k, valid, "ieee" if ieee else "default")
+    return values.to(_score_dtype(z)), indices
+
+
+@_nn_topk_op.register_fake
+def _(z, queue, k, valid, ieee):
+    return z.new_empty((z.shape[0], k), dtype=_score_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
+
+
+def _nn_topk_setup_context(ctx, inputs, output):
+    z, queue, _, _, _ = inputs
+    _, indices = output
+    ctx.save_for_backward(z, queue, indices)
+
+
+def _nn_topk_backward(ctx, grad_values, grad_idx):
+    # scores[b, j] = <normalize(z_b), queue[idx[b, j]]>, so d/d normalize(z_b) = sum_j g_bj queue[idx_bj].
+    z, queue, indices = ctx.saved_tensors
+    rows = queue.index_select(0, indices.reshape(-1)).reshape(*indices.shape, -1).to(grad_values.dtype)
+    grad_normalized = torch.einsum("bk,bkd->bd", grad_values, rows)
+    return normalize_backward(z, grad_normalized), None, None, None, None
+
+
+torch.library.register_autograd("nnclr_fast::nn_topk", _nn_topk_backward, setup_context=_nn_topk_setup_context)
+
+
+def _score_dtype(z: Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks: every message names the argument. None of them reads device memory.
+
+
+def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Optional[Tensor], int]:
+    """Validates and returns (queue restricted to an int `valid`, tensor `valid` or None, rows searchable)."""
+    for name, t in (("z", z), ("queue", queue)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+        if t.dtype == torch.float64 and t.device.type != "cpu":
+            raise TypeError(f"{name} is float64, which only the CPU path supports; use float32, bfloat16 or float16")
+        if t.dtype not in _KERNEL_DTYPES + (torch.float64,):
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if z.device != queue.device:
+        raise ValueError(f"z and queue must be on the same device, got z on {z.device} and queue on {queue.device}")
+    if z.shape[1] != queue.shape[1]:
+        raise ValueError(f"z and queue must have the same feature dim D, got z {tuple(z.shape)} and queue {tuple(queue.shape)}")
+    if z.shape[0] == 0:
+        raise ValueError("z is empty (batch size 0): there is nothing to look up")
+    if queue.shape[0] == 0:
+        raise ValueError("queue is empty (0 rows): there is nothing to search")
+    if z.shape[1] == 0:
+        raise ValueError("z and queue have feature dim D = 0")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+    num_rows = queue.shape[0]
+    valid_tensor = None
+    if isinstance(valid, Tensor):
+        if valid.dim() != 0:
+            raise ValueError(f"valid must be an int or a 0-dim tensor, got a tensor of shape {tuple(valid.shape)}")
+        if valid.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise TypeError(f"valid must be an integer tensor, got {valid.dtype}")
+        if valid.device != queue.device:
+            raise ValueError(f"valid must be on the queue's device ({queue.device}), got {valid.device}")
+        # Its value is read on the device (clamped to [1, K] there): checking it here would sync.
+        valid_tensor = valid
+    elif valid is not None:
+        if isinstance(valid, bool):
+            raise TypeError("valid must be an int or a 0-dim integer tensor, got a bool")
+        try:
+            valid = operator.index(valid)
+        except TypeError:
+            raise TypeError(f"valid must be an int or a 0-dim integer tensor, got {type(valid).__name__}") from None
+        if not 1 <= valid <= num_rows:
+            raise ValueError(f"valid must be in [1, {num_rows}] (the queue's rows), got {valid}")
+        queue = queue[:valid]
+        num_rows = valid
+
+    if check_finite:
+        # Opt-in because it syncs the host.
+        for name, t in (("z", z), ("queue", queue)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+    return queue, valid_tensor, num_rows
+
+
+def nn_lookup(
+    z: Tensor,
+    queue: Tensor,
+    *,
+    valid: int | Tensor | None = None,
+    straight_through: bool = True,
+    precision: str = "default",
+    return_indices: bool = False,
+    check_finite: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Replace every row of ``z`` by its nearest neighbour in ``queue`` (cosine similarity).
+
+    Args:
+        z: (B, D) queries (projections), float32/bfloat16/float16. Normalised internally.
+        queue: (K, D) support set, rows L2-normalised (as ``SupportQueue`` stores them).
+        valid: search only rows ``[0, valid)``: an int in [1, K], or a 0-dim integer tensor on
+            the queue's device, read on the device (no host sync) and clamped to [1, K] there.
+        straight_through: if True (default) the gradient w.r.t. z is that of
+            ``F.normalize(z) + (nn - F.normalize(z)).detach()``; if False z gets no gradient
+            (the paper's stop-gradient). The queue never receives a gradient.
+        precision: "default" uses tensor cores (TF32 for a float32 queue, the queue's own dtype
+            for bfloat16/float16 queues); "ieee" computes exact float32 similarities.
+        return_indices: also return the (B,) int64 indices of the chosen rows.
+        check_finite: raise if z or queue holds NaN/Inf (syncs the host, so off by default).
+            Unchecked NaN similarities rank below every real one; a query with no finite
+            similarity (e.g. a NaN row of z) gets row 0.
+
+    Returns:
+        (B, D) nearest rows in z's dtype, and optionally their indices.
+    """
+    queue, valid_tensor, _ = _check_inputs(z, queue, valid, precision, check_finite)
+    out, idx = torch.ops.nnclr_fast.nn_lookup(z, queue, valid_tensor, precision == "ieee", bool(straight_through))
+    return (out, idx) if return_indices else out
+
+
+def nn_topk(
+    z: Tensor,
+    queue: Tensor,
+    k: int = 5,
+    *,
+    valid: int | Tensor | None = None,
+    precision: str = "default",
+    check_finite: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The ``k`` most similar queue rows of every query, best first.
+
+    Same search semantics and arguments as :func:`nn_lookup`. Returns (B, k) float32 cosine
+    similarities and (B, k) int64 indices; ties go to the lowest index. The similarities are
+    differentiable w.r.t. ``z`` (exact gradient of <normalize(z), queue[idx]>).
+    """
+    queue, valid_tensor, searchable = _check_inputs(z, queue, valid, precision, check_finite)
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, got a bool")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
+    if not 1 <= k <= searchable:
+        raise ValueError(f"k must be in [1, {searchable}] (the searchable rows), got {k}")
+    return torch.ops.nnclr_fast.nn_topk(z, queue, k, valid_tensor, precision == "ieee")
