@@ -61,7 +61,8 @@ def _similarity_dot(zn, q, acc, IEEE: tl.constexpr, LOW_PRECISION_QUEUE: tl.cons
     if IEEE:
         acc = tl.dot(zn, tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
     elif LOW_PRECISION_QUEUE:
-        # bf16/fp16 tensor cores: the query is rounded to the queue's dtype.
+        # bf16/fp16 tensor cores: the query is rounded to the queue's dtype (a no-op when the
+        # caller already did).
         zq = zn.to(q.dtype)
         if UPCAST_DOT:
             # The Triton interpreter mis-computes 16-bit dots; the product of two 16-bit values is
@@ -143,6 +144,9 @@ def _nn_search_partial_kernel(
         zn_resident = tl.load(
             z_rows + offs_d[None, :] * stride_zd, mask=mask_b[:, None] & (offs_d[None, :] < D), other=0.0
         ).to(tl.float32) / denom[:, None]
+        if LOW_PRECISION_QUEUE and not IEEE:
+            # Round once here rather than on every tile.
+            zn_resident = zn_resident.to(q_ptr.dtype.element_ty)
 
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(start, end, BLOCK_K):
