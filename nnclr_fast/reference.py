@@ -170,3 +170,29 @@ def chunked_nn_lookup(
         best_val = torch.where(better, chunk_val, best_val)
         best_idx = torch.where(better, chunk_idx + start, best_idx)
     return queue.index_select(0, best_idx).to(z.dtype), best_idx
+
+
+def reference_enqueue(
+    bank: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FIFO append of ``x``'s normalised rows to a ring buffer; returns new ``(bank, ptr, count)``
+    and leaves the inputs untouched (``torch.ops.nnclr_fast.enqueue_`` does the same in place).
+
+    ``bank`` is (K, D), ``ptr`` and ``count`` are 0-dim int64, ``x`` is (B, D) of any float dtype.
+    Row i of x is normalised in float32 (``F.normalize(x.float())``, eps = 1e-12), cast to bank's
+    dtype and written at ``(ptr + i) % K``, in order; then ``ptr = (ptr + B) % K`` and
+    ``count = min(count + B, K)``. A batch larger than K therefore leaves its last K rows.
+    """
+    num_slots = bank.shape[0]
+    p, c = int(ptr), int(count)
+    if not 0 <= p < num_slots:
+        raise ValueError(f"ptr must be in [0, {num_slots}), got {p}")
+    if not 0 <= c <= num_slots:
+        raise ValueError(f"count must be in [0, {num_slots}], got {c}")
+    rows = F.normalize(x.float(), dim=1, eps=NORMALIZE_EPS).to(bank.dtype)
+    new_bank = bank.clone()
+    for i in range(x.shape[0]):
+        new_bank[(p + i) % num_slots] = rows[i]
+    new_ptr = torch.tensor((p + x.shape[0]) % num_slots, dtype=torch.int64, device=ptr.device)
+    new_count = torch.tensor(min(c + x.shape[0], num_slots), dtype=torch.int64, device=count.device)
+    return new_bank, new_ptr, new_count
