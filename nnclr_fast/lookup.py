@@ -206,6 +206,9 @@ def nn_lookup(
     """
     queue, valid_tensor, _ = _check_inputs(z, queue, valid, precision, check_finite)
     out, idx = torch.ops.nnclr_fast.nn_lookup(z, queue, valid_tensor, precision == "ieee", bool(straight_through))
+    if not straight_through:
+        # The op already gives z no gradient; detaching also says so (requires_grad=False).
+        out = out.detach()
     return (out, idx) if return_indices else out
 
 

@@ -227,6 +227,7 @@ def test_stop_gradient_gives_no_gradient_to_z():
     z, queue = make_inputs(4, 20, 8)
     z.requires_grad_()
     out = nn_lookup(z, queue, straight_through=False)
+    assert not out.requires_grad
     other = torch.randn(4, 8, requires_grad=True)
     (out * other).sum().backward()
     assert z.grad is None
