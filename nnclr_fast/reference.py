@@ -67,7 +67,7 @@ def _search_operands(z: torch.Tensor, queue: torch.Tensor, precision: str):
 
 def _scores(zn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     sims = zn @ rows.to(zn.dtype).T
-    return sims.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    return sims.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
 def reference_nn_topk(
@@ -100,6 +100,34 @@ def reference_nn_lookup(
     return queue.index_select(0, idx).to(z.dtype), idx
 
 
+def _topk_lowest_index(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise top-k of ``sims``, best first, ties to the lowest column, without sorting rows.
+
+    ``torch.topk`` finds the k-th best score but orders ties arbitrarily, so the winners are
+    rebuilt: every score above the k-th, then the lowest-column scores equal to it. No host sync.
+    """
+    k = min(k, sims.shape[1])
+    vals, cols = sims.topk(k, dim=1)
+    kth = vals[:, -1:]
+    if sims.device.type == "cpu" and not bool(((sims >= kth).sum(dim=1) > k).any()):
+        # Common case: no tie straddles the k-th place, so topk picked the right set and only
+        # the order of equal scores inside it needs fixing (a host check is free on the CPU).
+        by_col = cols.argsort(dim=1)
+        vals, cols = vals.gather(1, by_col), cols.gather(1, by_col)
+        order = vals.argsort(dim=1, descending=True, stable=True)
+        return vals.gather(1, order), cols.gather(1, order)
+    above = sims > kth
+    tied = sims == kth
+    keep = above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
+    # Exactly k columns are kept per row; the k smallest of these unique keys are those columns.
+    cols = torch.arange(sims.shape[1], device=sims.device)
+    key = torch.where(keep, cols, cols + sims.shape[1])
+    cols = key.topk(k, dim=1, largest=False, sorted=True).values
+    vals = sims.gather(1, cols)
+    order = vals.argsort(dim=1, descending=True, stable=True)
+    return vals.gather(1, order), cols.gather(1, order)
+
+
 def chunked_nn_topk(
     z: torch.Tensor,
     queue: torch.Tensor,
@@ -125,17 +153,15 @@ def chunked_nn_topk(
     for start in range(0, stop, chunk_rows):
         end = min(start + chunk_rows, stop)
         sims = _scores(zn, q[start:end])
-        rows = torch.arange(start, end, device=zn.device)
         if isinstance(valid, torch.Tensor):
+            rows = torch.arange(start, end, device=zn.device)
             sims = sims.masked_fill(rows >= valid, float("-inf"))
-        # Candidates stay in ascending index order (earlier chunks first, each chunk's
-        # survivors already sorted index-first within equal scores), so a stable sort keeps
-        # ties on the lowest index.
-        vals = torch.cat([best_vals, sims], dim=1)
-        idx = torch.cat([best_idx, rows.expand(zn.shape[0], -1)], dim=1)
-        idx_order = idx.argsort(dim=1, stable=True)
-        vals, idx = vals.gather(1, idx_order), idx.gather(1, idx_order)
-        order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, :k]
+        chunk_vals, chunk_cols = _topk_lowest_index(sims, k)
+        # Both halves are ordered (score desc, index asc) and every running index is below this
+        # chunk's, so one stable sort of their concatenation keeps ties on the lowest index.
+        vals = torch.cat([best_vals, chunk_vals], dim=1)
+        idx = torch.cat([best_idx, chunk_cols + start], dim=1)
+        order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
         best_vals, best_idx = vals.gather(1, order), idx.gather(1, order)
     return best_vals, best_idx
 
