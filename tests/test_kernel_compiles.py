@@ -40,9 +40,10 @@ SCRIPT = textwrap.dedent(
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(kernel.asm["cubin"])
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+            f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         stack = int(re.search(r"STACK:(\d+)", usage).group(1))
         return {"shared": kernel.metadata.shared, "spill_bytes": stack}
 
