@@ -117,6 +117,19 @@ def _score_dtype(z: Tensor) -> torch.dtype:
 # Argument checks: every message names the argument. None of them reads device memory.
 
 
+def _int_in_range(name: str, value, high: int, what_high: str, expected: str) -> int:
+    """``value`` as an int in [1, high]; bools and non-integers are rejected by name."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be {expected}, got a bool")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
+    if not 1 <= value <= high:
+        raise ValueError(f"{name} must be in [1, {high}] ({what_high}), got {value}")
+    return value
+
+
 def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Optional[Tensor], int]:
     """Validates and returns (queue restricted to an int `valid`, tensor `valid` or None, rows searchable)."""
     for name, t in (("z", z), ("queue", queue)):
@@ -155,14 +168,7 @@ def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Opt
         # Its value is read on the device (clamped to [1, K] there): checking it here would sync.
         valid_tensor = valid
     elif valid is not None:
-        if isinstance(valid, bool):
-            raise TypeError("valid must be an int or a 0-dim integer tensor, got a bool")
-        try:
-            valid = operator.index(valid)
-        except TypeError:
-            raise TypeError(f"valid must be an int or a 0-dim integer tensor, got {type(valid).__name__}") from None
-        if not 1 <= valid <= num_rows:
-            raise ValueError(f"valid must be in [1, {num_rows}] (the queue's rows), got {valid}")
+        valid = _int_in_range("valid", valid, num_rows, "the queue's rows", "an int or a 0-dim integer tensor")
         queue = queue[:valid]
         num_rows = valid
 
@@ -228,12 +234,5 @@ def nn_topk(
     differentiable w.r.t. ``z`` (exact gradient of <normalize(z), queue[idx]>).
     """
     queue, valid_tensor, searchable = _check_inputs(z, queue, valid, precision, check_finite)
-    if isinstance(k, bool):
-        raise TypeError("k must be an int, got a bool")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
-    if not 1 <= k <= searchable:
-        raise ValueError(f"k must be in [1, {searchable}] (the searchable rows), got {k}")
+    k = _int_in_range("k", k, searchable, "the searchable rows", "an int")
     return torch.ops.nnclr_fast.nn_topk(z, queue, k, valid_tensor, precision == "ieee")
