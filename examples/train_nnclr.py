@@ -60,6 +60,14 @@ RUN_CONFIG = "config.json"
 # untested starting points (no GPU was at hand to tune them): SGD with momentum, learning rate
 # 0.06 per 128 images and weight decay 5e-4, a common ResNet-18 contrastive recipe, and the
 # SimCLR augmentations (no blur at 32x32, as SimCLR does on CIFAR-10).
+_RESNET_PRESET = dict(
+    backbone="resnet18", width=128, encoder_bn=False, encoder_dense=True,
+    proj_hidden_dim=2048, proj_dim=256, pred_hidden_dim=4096,
+    optimizer="sgd", weight_decay=5e-4,
+    crop_scale=(0.08, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+    gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), raw_baseline=False,
+)
+
 PRESETS = {
     "digits": dict(
         backbone="small", image_size=16, width=128, encoder_bn=True, encoder_dense=False,
@@ -69,25 +77,14 @@ PRESETS = {
         gray_p=0.0, blur_p=0.5, blur_sigma=(0.1, 1.0), raw_baseline=True,
     ),
     "stl10": dict(
-        backbone="resnet18", image_size=96, width=128, encoder_bn=False, encoder_dense=True,
-        proj_hidden_dim=2048, proj_dim=256, pred_hidden_dim=4096,
-        epochs=200, batch_size=256, optimizer="sgd", lr=0.12, weight_decay=5e-4, warmup_epochs=10,
-        queue_size=16384, crop_scale=(0.08, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-        gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), raw_baseline=False,
+        _RESNET_PRESET, image_size=96, epochs=200, batch_size=256, lr=0.12, warmup_epochs=10, queue_size=16384,
     ),
     "cifar10": dict(
-        backbone="resnet18", image_size=32, width=128, encoder_bn=False, encoder_dense=True,
-        proj_hidden_dim=2048, proj_dim=256, pred_hidden_dim=4096,
-        epochs=200, batch_size=512, optimizer="sgd", lr=0.24, weight_decay=5e-4, warmup_epochs=10,
-        queue_size=16384, crop_scale=(0.2, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8,
-        gray_p=0.2, blur_p=0.0, blur_sigma=(0.1, 2.0), raw_baseline=False,
+        _RESNET_PRESET, image_size=32, epochs=200, batch_size=512, lr=0.24, warmup_epochs=10, queue_size=16384,
+        crop_scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.0,
     ),
     "folder": dict(
-        backbone="resnet18", image_size=64, width=128, encoder_bn=False, encoder_dense=True,
-        proj_hidden_dim=2048, proj_dim=256, pred_hidden_dim=4096,
-        epochs=100, batch_size=128, optimizer="sgd", lr=0.06, weight_decay=5e-4, warmup_epochs=5,
-        queue_size=4096, crop_scale=(0.08, 1.0), flip_p=0.5, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
-        gray_p=0.2, blur_p=0.5, blur_sigma=(0.1, 2.0), raw_baseline=False,
+        _RESNET_PRESET, image_size=64, epochs=100, batch_size=128, lr=0.06, warmup_epochs=5, queue_size=4096,
     ),
 }
 

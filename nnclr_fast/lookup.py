@@ -117,15 +117,19 @@ def _score_dtype(z: Tensor) -> torch.dtype:
 # Argument checks: every message names the argument. None of them reads device memory.
 
 
-def _int_in_range(name: str, value, high: int, what_high: str, expected: str) -> int:
-    """``value`` as an int in [1, high]; bools and non-integers are rejected by name."""
+def int_in_range(name: str, value, high: Optional[int] = None, what_high: str = "", expected: str = "an int") -> int:
+    """``value`` as an int in [1, high] (``high=None``: any positive int); bools and
+    non-integers are rejected by name."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be {expected}, got a bool")
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
-    if not 1 <= value <= high:
+    if high is None:
+        if value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+    elif not 1 <= value <= high:
         raise ValueError(f"{name} must be in [1, {high}] ({what_high}), got {value}")
     return value
 
@@ -168,7 +172,7 @@ def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Opt
         # Its value is read on the device (clamped to [1, K] there): checking it here would sync.
         valid_tensor = valid
     elif valid is not None:
-        valid = _int_in_range("valid", valid, num_rows, "the queue's rows", "an int or a 0-dim integer tensor")
+        valid = int_in_range("valid", valid, num_rows, "the queue's rows", "an int or a 0-dim integer tensor")
         queue = queue[:valid]
         num_rows = valid
 
@@ -234,5 +238,5 @@ def nn_topk(
     differentiable w.r.t. ``z`` (exact gradient of <normalize(z), queue[idx]>).
     """
     queue, valid_tensor, searchable = _check_inputs(z, queue, valid, precision, check_finite)
-    k = _int_in_range("k", k, searchable, "the searchable rows", "an int")
+    k = int_in_range("k", k, searchable, "the searchable rows", "an int")
     return torch.ops.nnclr_fast.nn_topk(z, queue, k, valid_tensor, precision == "ieee")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
 from nnclr_fast import _extension
-from nnclr_fast.lookup import nn_lookup
+from nnclr_fast.lookup import int_in_range, nn_lookup
 from nnclr_fast.reference import normalize_queries
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,8 +46,8 @@ class SupportQueue(nn.Module):
 
     def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        size = _positive_int("size", size)
-        dim = _positive_int("dim", dim)
+        size = int_in_range("size", size)
+        dim = int_in_range("dim", dim)
         if dtype not in BANK_DTYPES:
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         # Built now, not inside the first enqueue: the first call may be under torch.compile
@@ -141,17 +139,6 @@ class SupportQueue(nn.Module):
             return out, torch.where(filled, indices, torch.full_like(indices, -1))
         return out
 
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got a bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value}")
-    return value
 
 
 def _all_gather_rows(x: Tensor) -> Tensor:
