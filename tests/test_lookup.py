@@ -304,6 +304,20 @@ def test_bad_k(k, valid, exc, match):
         nn_topk(z, queue, k=k, valid=valid)
 
 
+def test_interpreter_refuses_a_known_bad_version_pair_by_name(monkeypatch):
+    from nnclr_fast.kernels import nn_search
+
+    assert nn_search.interpreter_incompatibility("3.6.0", "2.3.5") is None
+    assert nn_search.interpreter_incompatibility("3.7.0", "2.4.6") is None
+    assert "numpy<2.4" in nn_search.interpreter_incompatibility("3.6.0", "2.4.6")
+    monkeypatch.setattr(nn_search.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(nn_search.numpy, "__version__", "2.4.0")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    z, queue = make_inputs(3, 10, 8)
+    with pytest.raises(RuntimeError, match="Triton 3.6.0's interpreter"):
+        nn_lookup(z, queue)
+
+
 # ------------------------------------------------------------------------------------------
 # Registration: custom ops, fake implementations, torch.compile
 

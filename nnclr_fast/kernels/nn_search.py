@@ -16,8 +16,11 @@ ties go to the lowest queue index.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +30,26 @@ from nnclr_fast.reference import NORMALIZE_EPS
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.findall(r"\d+", version)[:2]
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    Triton < 3.7's interpreter turns a runtime loop bound into an int via a 1-element array,
+    which NumPy >= 2.4 refuses; the kernels themselves (compiled for a GPU) are unaffected.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy {numpy_version}: "
+            "install 'numpy<2.4' or Triton >= 3.7"
+        )
+    return None
 
 
 def _search_configs():
@@ -250,6 +273,10 @@ def _split_rows(batch: int, num_rows: int, device: torch.device) -> int:
 
 
 def _search_partials(z, queue, valid, k, ieee):
+    if interpreting():
+        problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
     batch, dim = z.shape
     num_rows = queue.shape[0]
     split_rows = _split_rows(batch, num_rows, z.device)
