@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nnclr_fast.reference import chunked_nn_lookup, chunked_nn_topk, normalize_backward
+from nnclr_fast.reference import chunked_nn_lookup, chunked_nn_topk, compute_dtype, normalize_backward
 
 PRECISIONS = ("default", "ieee")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -84,12 +84,12 @@ def _nn_topk_op(z: Tensor, queue: Tensor, k: int, valid: Optional[Tensor], ieee:
 
         return triton_nn_topk(z, queue, k, valid, ieee)
     values, indices = chunked_nn_topk(z, queue, k, valid, "ieee" if ieee else "default")
-    return values.to(_score_dtype(z)), indices
+    return values.to(compute_dtype(z)), indices
 
 
 @_nn_topk_op.register_fake
 def _(z, queue, k, valid, ieee):
-    return z.new_empty((z.shape[0], k), dtype=_score_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
+    return z.new_empty((z.shape[0], k), dtype=compute_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
 
 
 def _nn_topk_setup_context(ctx, inputs, output):
@@ -107,10 +107,6 @@ def _nn_topk_backward(ctx, grad_values, grad_idx):
 
 
 torch.library.register_autograd("nnclr_fast::nn_topk", _nn_topk_backward, setup_context=_nn_topk_setup_context)
-
-
-def _score_dtype(z: Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,6 +128,25 @@ def _topk_lowest_index(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return vals.gather(1, order), cols.gather(1, order)
 
 
+def _chunk_scores(zn: torch.Tensor, q: torch.Tensor, valid, chunk_rows: int):
+    """Yield (first row, scores of rows [first, first + chunk_rows)) over the searchable rows.
+
+    An int ``valid`` stops the scan early; a 0-dim tensor masks rows at or past it to -inf on
+    the device instead, so reading it never syncs the host.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    num_rows = q.shape[0]
+    masked = isinstance(valid, torch.Tensor)
+    stop = num_rows if masked or valid is None else min(int(valid), num_rows)
+    for start in range(0, stop, chunk_rows):
+        end = min(start + chunk_rows, stop)
+        sims = _scores(zn, q[start:end])
+        if masked:
+            sims = sims.masked_fill(torch.arange(start, end, device=zn.device) >= valid, float("-inf"))
+        yield start, sims
+
+
 def chunked_nn_topk(
     z: torch.Tensor,
     queue: torch.Tensor,
@@ -141,21 +160,10 @@ def chunked_nn_topk(
     ``valid`` may be a 0-dim tensor: rows at or past it are masked on the device, so reading it
     never syncs the host (all chunks are scored; the mask costs nothing extra).
     """
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    num_rows = queue.shape[0]
-    if valid is None:
-        valid = num_rows
     zn, q = _search_operands(z, queue, precision)
     best_vals = zn.new_full((zn.shape[0], 0), float("-inf"))
     best_idx = torch.empty((zn.shape[0], 0), dtype=torch.int64, device=zn.device)
-    stop = num_rows if isinstance(valid, torch.Tensor) else min(int(valid), num_rows)
-    for start in range(0, stop, chunk_rows):
-        end = min(start + chunk_rows, stop)
-        sims = _scores(zn, q[start:end])
-        if isinstance(valid, torch.Tensor):
-            rows = torch.arange(start, end, device=zn.device)
-            sims = sims.masked_fill(rows >= valid, float("-inf"))
+    for start, sims in _chunk_scores(zn, q, valid, chunk_rows):
         chunk_vals, chunk_cols = _topk_lowest_index(sims, k)
         # Both halves are ordered (score desc, index asc) and every running index is below this
         # chunk's, so one stable sort of their concatenation keeps ties on the lowest index.
@@ -174,21 +182,10 @@ def chunked_nn_lookup(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same result as :func:`reference_nn_lookup` with memory bounded by ``chunk_rows``."""
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    num_rows = queue.shape[0]
-    if valid is None:
-        valid = num_rows
     zn, q = _search_operands(z, queue, precision)
     best_val = zn.new_full((zn.shape[0],), float("-inf"))
     best_idx = torch.zeros(zn.shape[0], dtype=torch.int64, device=zn.device)
-    stop = num_rows if isinstance(valid, torch.Tensor) else min(int(valid), num_rows)
-    for start in range(0, stop, chunk_rows):
-        end = min(start + chunk_rows, stop)
-        sims = _scores(zn, q[start:end])
-        if isinstance(valid, torch.Tensor):
-            rows = torch.arange(start, end, device=zn.device)
-            sims = sims.masked_fill(rows >= valid, float("-inf"))
+    for start, sims in _chunk_scores(zn, q, valid, chunk_rows):
         # max() returns the first maximal index and the strict '>' keeps earlier chunks on
         # ties, so ties go to the lowest index as with torch.argmax.
         chunk_val, chunk_idx = sims.max(dim=1)

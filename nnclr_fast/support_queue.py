@@ -140,7 +140,6 @@ class SupportQueue(nn.Module):
         return out
 
 
-
 def _all_gather_rows(x: Tensor) -> Tensor:
     # One output buffer, filled in rank order (NCCL and gloo both implement this collective).
     gathered = x.new_empty((dist.get_world_size() * x.shape[0], x.shape[1]))
