@@ -1,7 +1,8 @@
 """Shared machinery of the benchmark suite: the size grid, inputs, timing and what gets recorded.
 
 Run with ``pytest benchmarks/ --benchmark-only [--benchmark-json FILE]``. The grid follows the
-device: the full grid on a GPU, a short one on the CPU (so that CI proves the suite in under a minute);
+device: the full grid on a GPU, a short one on the CPU (two small shapes and the headline one,
+B=512, D=256, K=98,304: a few minutes on two cores, so CI can run it);
 ``--bench-grid`` / ``NNCLR_BENCH_GRID`` override it, ``--bench-rounds`` / ``NNCLR_BENCH_ROUNDS``
 set the timed rounds per benchmark.
 """
@@ -22,7 +23,10 @@ import torch.nn.functional as F
 
 GRIDS = {
     "full": {"K": (8192, 32768, 65536, 98304), "B": (256, 512, 1024), "D": (128, 256), "dtype": ("float32", "bfloat16")},
-    "quick": {"K": (8192, 32768), "B": (256,), "D": (128,), "dtype": ("float32",)},
+    # The headline shape alone (benchmarks/gpu_validate.sh), at every dtype and precision.
+    "headline": {"K": (98304,), "B": (512,), "D": (256,), "dtype": ("float32", "bfloat16")},
+    # Plus the headline shape (B=512, D=256, K=98,304, float32), so the CPU results show it too.
+    "quick": {"K": (8192, 32768), "B": (256,), "D": (128,), "dtype": ("float32",), "extra": ((512, 98304, 256, "float32"),)},
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -47,9 +51,10 @@ def pytest_addoption(parser):
     group = parser.getgroup("nnclr_fast benchmarks")
     group.addoption(
         "--bench-grid",
-        choices=("auto", "quick", "full"),
+        choices=("auto", "quick", "full", "headline"),
         default=os.environ.get("NNCLR_BENCH_GRID", "auto"),
-        help="size grid: full (GPU default), quick (CPU default), auto picks by CUDA availability",
+        help="size grid: full (GPU default), quick (CPU default), headline (B=512, D=256, K=98,304 "
+        "only), auto picks by CUDA availability",
     )
     group.addoption(
         "--bench-rounds",
@@ -106,8 +111,11 @@ def precisions_for(dtype: str, device: torch.device) -> tuple[str, ...]:
 
 
 def grid_shapes(config) -> list[Shape]:
+    """The grid's cartesian product, then its ``extra`` shapes (B, K, D, dtype) not already in it."""
     g = GRIDS[grid_name(config)]
-    return [Shape(B, K, D, dt) for dt in g["dtype"] for D in g["D"] for B in g["B"] for K in g["K"]]
+    shapes = [Shape(B, K, D, dt) for dt in g["dtype"] for D in g["D"] for B in g["B"] for K in g["K"]]
+    shapes += [s for s in (Shape(*extra) for extra in g.get("extra", ())) if s not in shapes]
+    return shapes
 
 
 def pytest_generate_tests(metafunc):

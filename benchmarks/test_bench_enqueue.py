@@ -24,9 +24,9 @@ def make_queue(method: str, shape, device: torch.device):
         # nvcc) there is no fused op to time.
         pytest.skip(f"the nnclr_fast enqueue extension cannot be built here: {exc}")
     if device.type == "cuda":
-        from nnclr_fast import _extension
+        from nnclr_fast.ops import enqueue as enqueue_op
 
-        if not _extension.has_cuda_kernel():
+        if not enqueue_op.has_cuda_kernel():
             pytest.skip("the nnclr_fast extension was built without its CUDA kernel (no nvcc)")
     return queue
 

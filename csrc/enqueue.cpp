@@ -1,10 +1,11 @@
 // nnclr_fast::enqueue_ : append a batch of L2-normalised rows to the FIFO support queue.
 //
 // Schema registration and the CPU kernel live here; the CUDA kernel is in cuda/enqueue.cu and
-// is compiled into the same library only when a CUDA toolkit is available
-// (nnclr_fast/_extension.py defines NNCLR_FAST_WITH_CUDA then).
+// is compiled into the same library only when a CUDA toolkit is available (setup.py and
+// nnclr_fast/ops/enqueue.py define NNCLR_FAST_WITH_CUDA then). A build without it registers no
+// CUDA kernel, and nnclr_fast/ops/enqueue.py serves CUDA tensors with its PyTorch fallback.
 //
-// Semantics (nnclr_fast.reference.reference_enqueue is the executable definition):
+// Semantics (nnclr_fast.ops.reference.reference_enqueue is the executable definition):
 //   row i of x is normalised in float32 as F.normalize(x.float(), dim=1, eps=1e-12), cast to
 //   bank's dtype and written at (ptr + i) % K; then ptr = (ptr + B) % K and
 //   count = min(count + B, K). With B > K rows i and i + K land on the same slot and the later
@@ -183,7 +184,7 @@ void enqueue_ad_inplace_or_view(
 
 TORCH_LIBRARY_FRAGMENT(nnclr_fast, m) {
   // The fake (meta) implementation is registered from Python, in this module.
-  m.set_python_module("nnclr_fast._extension");
+  m.set_python_module("nnclr_fast.ops.enqueue");
   m.def("enqueue_(Tensor(a!) bank, Tensor(b!) ptr, Tensor(c!) count, Tensor x) -> ()");
 }
 
@@ -195,23 +196,13 @@ TORCH_LIBRARY_IMPL(nnclr_fast, ADInplaceOrView, m) {
   m.impl("enqueue_", &nnclr_fast::enqueue_ad_inplace_or_view);
 }
 
-#ifndef NNCLR_FAST_WITH_CUDA
-namespace nnclr_fast {
-namespace {
-// Without this, a CUDA bank would hit the dispatcher's generic "could not run with the CUDA
-// backend" error, which does not say why or how to fix it.
-void enqueue_cuda_missing(at::Tensor, at::Tensor, at::Tensor, const at::Tensor&) {
-  TORCH_CHECK(
-      false,
-      "nnclr_fast::enqueue_ got CUDA tensors, but the nnclr_fast extension was compiled without "
-      "its CUDA kernel because no CUDA toolkit (nvcc) was found when it was built. Install the "
-      "CUDA toolkit matching torch.version.cuda, point CUDA_HOME at it (e.g. "
-      "CUDA_HOME=/usr/local/cuda), and restart Python: the extension is rebuilt on next use.");
-}
-} // namespace
-} // namespace nnclr_fast
+#ifdef NNCLR_FAST_AOT
+// setup.py builds this file ahead of time as the Python module nnclr_fast._C: importing it
+// runs the registrations above. The module itself is empty.
+#include <Python.h>
 
-TORCH_LIBRARY_IMPL(nnclr_fast, CUDA, m) {
-  m.impl("enqueue_", &nnclr_fast::enqueue_cuda_missing);
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
 }
 #endif

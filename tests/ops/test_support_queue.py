@@ -1,13 +1,17 @@
-"""SupportQueue: FIFO state, checkpointing, lookup over the filled rows only, input checks."""
+"""SupportQueue and NNMemoryBankModule: FIFO state, checkpointing, lookup and top-k over the filled
+rows only, input checks, torch.distributed, and lightly's module side by side."""
 
 import io
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from nnclr_fast import SupportQueue
-from nnclr_fast.reference import reference_enqueue, reference_nn_lookup
+from nnclr_fast import NNMemoryBankModule, SupportQueue
+from nnclr_fast.ops.reference import reference_enqueue, reference_nn_lookup, reference_nn_topk
 
 BANK_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -141,8 +145,32 @@ def test_lookup_searches_only_filled_rows():
     assert int(queue.count) == 10
     assert (idx >= 0).all() and (idx < 10).all()
     assert torch.equal(out, queue.bank[idx])
-    _, ref_idx = reference_nn_lookup(z, queue.bank, valid=10)
-    assert torch.equal(idx, ref_idx)
+    assert_same_neighbours(z, queue.bank[:10], idx, reference_nn_lookup(z, queue.bank, valid=10)[1])
+
+
+def assert_same_neighbours(z, rows, idx, ref_idx, tol=1e-5):
+    """idx is within `tol` of the best row of `rows`, and equals ref_idx wherever the best row is
+    more than `tol` ahead of the runner-up (summation order may flip a closer near-tie)."""
+    scores = F.normalize(z.double(), dim=1) @ F.normalize(rows.double(), dim=1).T
+    top2 = scores.topk(min(2, rows.shape[0]), dim=1).values
+    assert (scores.gather(1, idx[:, None]).squeeze(1) >= top2[:, 0] - tol).all()
+    clear = (top2[:, 0] - top2[:, -1] > tol) if rows.shape[0] > 1 else torch.ones(len(idx), dtype=torch.bool)
+    assert torch.equal(idx[clear], ref_idx[clear])
+
+
+def test_topk_over_filled_rows_marks_empty_slots():
+    queue = SupportQueue(16, 6)
+    z = torch.randn(4, 6)
+    vals, idx = queue.topk(z, k=3)
+    assert (idx == -1).all() and torch.isneginf(vals).all()
+    queue.enqueue(torch.randn(2, 6))
+    vals, idx = queue.topk(z, k=3, precision="ieee")
+    assert (idx[:, 2] == -1).all() and torch.isneginf(vals[:, 2]).all()
+    assert sorted(idx[0, :2].tolist()) == [0, 1]
+    ref_vals, _ = reference_nn_topk(z, queue.bank, k=3, valid=2)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 16\]"):
+        queue.topk(z, k=17)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -151,7 +179,8 @@ def test_lookup_on_empty_queue_returns_normalised_query(dtype):
     z = (torch.randn(4, 5) * 7).to(dtype)
     out, idx = queue.lookup(z, return_indices=True)
     assert out.dtype == dtype
-    assert torch.equal(out, F.normalize(z.float(), dim=1).to(dtype))
+    # The kernel multiplies by 1/||z|| (F.normalize divides) and sums in its own order: ulps apart.
+    torch.testing.assert_close(out, F.normalize(z.float(), dim=1).to(dtype), atol=torch.finfo(dtype).eps, rtol=0)
     assert torch.equal(idx, torch.full((4,), -1))
     assert torch.equal(queue.lookup(z), out)
 
@@ -269,3 +298,160 @@ class TestCUDA:
             assert torch.equal(queue.bank, twin.bank)
             assert torch.equal(queue.ptr, twin.ptr) and torch.equal(queue.count, twin.count)
         assert int(queue.count) == size and int(queue.ptr) == (6 * batch) % size
+
+
+# ------------------------------------------------------------------------------------------
+# NNMemoryBankModule: lightly's call on a SupportQueue
+
+
+def test_memory_bank_module_call_and_update_order():
+    bank = NNMemoryBankModule(size=(8, 4))
+    x = torch.randn(3, 4, requires_grad=True)
+    out = bank(x, update=False)
+    # Empty: the query itself, normalised, detached; no update without update=True.
+    torch.testing.assert_close(out, F.normalize(x.detach(), dim=1), atol=1e-6, rtol=0)
+    assert not out.requires_grad
+    assert int(bank.queue.count) == 0
+    bank(x, update=True)
+    assert int(bank.queue.count) == 3
+    # The lookup sees the bank before the update: x's own rows are neighbours now.
+    out, idx = bank.queue.lookup(x.detach(), return_indices=True, precision="ieee")
+    assert torch.equal(bank(x.detach()), out)
+
+
+def test_memory_bank_module_int_size_takes_dim_from_first_batch():
+    bank = NNMemoryBankModule(size=32, dtype=torch.bfloat16)
+    assert bank.queue is None and dict(bank.state_dict()) == {}
+    out = bank(torch.randn(5, 7), update=True)
+    assert out.dtype == torch.float32 and bank.queue.bank.shape == (32, 7) and bank.queue.bank.dtype == torch.bfloat16
+    restored = NNMemoryBankModule(size=32)
+    restored.load_state_dict(bank.state_dict())
+    for key, value in bank.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("size,error,match", [((8,), ValueError, "size must be"), ((0, 4), ValueError, "size"), (2.5, TypeError, "size")])
+def test_memory_bank_module_rejects_bad_size(size, error, match):
+    with pytest.raises(error, match=match):
+        NNMemoryBankModule(size=size)
+
+
+def test_memory_bank_module_low_precision_outputs():
+    bank = NNMemoryBankModule(size=(16, 8), dtype=torch.bfloat16)
+    for _ in range(3):
+        out = bank(torch.randn(6, 8, dtype=torch.bfloat16), update=True)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def lightly_bank(size):
+    modules = pytest.importorskip("lightly.models.modules", reason="lightly (the dev extra) is not installed")
+    return modules.NNMemoryBankModule(size=size)
+
+
+def stream(batches, batch, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, dim, generator=g) * 3 for _ in range(batches)]
+
+
+def test_same_neighbours_as_lightly_once_both_banks_hold_the_same_rows():
+    size, batch, dim = 64, 16, 8  # the bank is a multiple of the batch: lightly drops nothing
+    theirs, ours = lightly_bank((size, dim)), NNMemoryBankModule(size=(size, dim))
+    for step, x in enumerate(stream(12, batch, dim)):
+        before = ours.queue.bank.clone()
+        mine = ours(x, update=True)
+        lightly_out = theirs(x, update=True)
+        if step < size // batch:
+            continue  # lightly still holds some of its random start-up vectors
+        # lightly returns raw rows, ours unit rows: the same neighbours, normalised.
+        idx_ours = (F.normalize(mine, dim=1) @ before.T).argmax(dim=1)
+        idx_theirs = (F.normalize(lightly_out, dim=1) @ before.T).argmax(dim=1)
+        assert_same_neighbours(x, before, idx_ours, idx_theirs)
+        torch.testing.assert_close(mine, before[idx_ours])
+    assert torch.equal(ours.queue.count, torch.tensor(size))
+
+
+def test_differs_from_lightly_at_the_wrap_around():
+    # 60 rows, batches of 16: lightly keeps only the 12 rows that fit before the end and drops
+    # the other 4 of every wrapping batch; ours wraps them to the front (a FIFO of the last 60).
+    size, batch, dim = 60, 16, 8
+    theirs, ours = lightly_bank((size, dim)), NNMemoryBankModule(size=(size, dim))
+    xs = stream(4, batch, dim, seed=1)
+    for x in xs:
+        ours(x, update=True)
+        theirs(x, update=True)
+    last = F.normalize(torch.cat(xs)[-size:], dim=1)
+    ours_rows = F.normalize(ours.queue.bank.float(), dim=1)
+    theirs_rows = F.normalize(theirs.bank.float().reshape(-1, dim) if theirs.bank.shape[0] == size else theirs.bank.float().T, dim=1)
+    held = lambda rows: ((last @ rows.T) > 1 - 1e-5).any(dim=1)  # noqa: E731
+    assert held(ours_rows).all()
+    assert held(theirs_rows).sum() == size - 4
+
+
+def test_differs_from_lightly_at_start_up_and_with_nan():
+    size, dim = 32, 8
+    theirs, ours = lightly_bank((size, dim)), NNMemoryBankModule(size=(size, dim))
+    x = torch.randn(4, dim)
+    # Start-up: lightly's bank is random unit vectors, so the first "neighbours" are noise;
+    # ours returns each query itself.
+    assert torch.allclose(ours(x), F.normalize(x, dim=1))
+    assert not torch.allclose(F.normalize(theirs(x), dim=1), F.normalize(x, dim=1), atol=1e-3)
+    # One NaN row in the stream: lightly's argmax returns it for every query; ours never does.
+    poisoned = torch.randn(8, dim)
+    poisoned[3] = float("nan")
+    for bank in (ours, theirs):
+        bank(poisoned, update=True)
+    queries = torch.randn(5, dim)
+    assert torch.isnan(theirs(queries)).all(dim=1).all()
+    assert torch.isfinite(ours(queries)).all()
+
+
+# ------------------------------------------------------------------------------------------
+# torch.distributed: two CPU processes (gloo) end with identical queues
+
+WORLD_SIZE = 2
+SIZE, DIM = 11, 6
+# Per-rank batch sizes: 2 ranks x 4 rows wrap the 11-slot queue on the second step; the last
+# step gathers 2 x 7 = 14 rows, more than the queue holds.
+BATCHES = [4, 4, 1, 3, 7]
+X_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32]
+TIMEOUT_S = 180
+
+
+def rank_batch(rank, step):
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    return (torch.randn(BATCHES[step], DIM, generator=g) * (rank + 1)).to(X_DTYPES[step])
+
+
+def worker(rank, store_path, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        queue = SupportQueue(SIZE, DIM, dtype=torch.bfloat16)
+        for step in range(len(BATCHES)):
+            queue.enqueue(rank_batch(rank, step))
+        torch.save(queue.state_dict(), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+def test_ranks_hold_identical_queues(tmp_path):
+    context = mp.spawn(worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+
+    states = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    for key in ("bank", "ptr", "count"):
+        assert torch.equal(states[0][key], states[1][key]), key
+
+    # The same queue a single process gets by enqueueing the gathered batches in rank order.
+    expected = (torch.zeros(SIZE, DIM, dtype=torch.bfloat16), torch.tensor(0), torch.tensor(0))
+    for step in range(len(BATCHES)):
+        gathered = torch.cat([rank_batch(rank, step) for rank in range(WORLD_SIZE)])
+        expected = reference_enqueue(*expected, gathered)
+    assert int(states[0]["ptr"]) == int(expected[1]) == (2 * sum(BATCHES)) % SIZE
+    assert int(states[0]["count"]) == int(expected[2]) == SIZE
+    torch.testing.assert_close(states[0]["bank"], expected[0], atol=torch.finfo(torch.bfloat16).eps, rtol=0)

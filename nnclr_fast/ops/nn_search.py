@@ -1,12 +1,12 @@
-"""Public nearest-neighbour API: argument checks, device dispatch, autograd.
+"""nn_lookup / nn_topk: argument checks, custom-op schemas, fake implementations, autograd, dispatch.
 
 `nn_lookup` and `nn_topk` are registered as PyTorch custom ops (``torch.ops.nnclr_fast.*``) with
 fake implementations, so ``torch.compile`` treats them as single opaque nodes (no graph break)
 and nothing in them syncs the host, so a step that calls them can be captured in a CUDA graph.
 
 Dispatch:
-  * CUDA tensors run the fused Triton kernel (nnclr_fast/kernels/nn_search.py);
-  * CPU tensors run the chunked plain-PyTorch path (nnclr_fast/reference.py), or, under
+  * CUDA tensors run the fused Triton kernel (nnclr_fast/ops/nn_search_triton.py);
+  * CPU tensors run the chunked plain-PyTorch path (nnclr_fast/ops/nn_search_cpu.py), or, under
     ``TRITON_INTERPRET=1``, the Triton kernel itself in the interpreter (how CI proves it);
   * float64 inputs (CPU only, for gradcheck) and ``nn_topk`` with k > 16 take the chunked path.
 """
@@ -19,10 +19,32 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from nnclr_fast.reference import chunked_nn_lookup, chunked_nn_topk, compute_dtype, normalize_backward
+import torch.nn.functional as F
+
+from nnclr_fast.ops.nn_search_cpu import cpu_nn_lookup, cpu_nn_topk
 
 PRECISIONS = ("default", "ieee")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NORMALIZE_EPS = 1e-12  # F.normalize's
+
+
+def _compute_dtype(z: Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+def normalize_backward(z: Tensor, grad: Tensor) -> Tensor:
+    """Vector-Jacobian product of ``F.normalize(z.float(), dim=1)`` at ``z``, in z's dtype: the
+    straight-through gradient, d/dz of ``F.normalize(z) + (nn - F.normalize(z)).detach()``."""
+    zc = z.to(_compute_dtype(z))
+    norm = zc.norm(dim=1, keepdim=True)
+    denom = norm.clamp_min(NORMALIZE_EPS)
+    y = zc / denom
+    g = grad.to(zc.dtype)
+    # Above eps the Jacobian is (I - y y^T) / ||z||; at or below eps F.normalize divides by the
+    # constant eps, whose Jacobian is I / eps.
+    projected = g - y * (y * g).sum(dim=1, keepdim=True)
+    grad_z = torch.where(norm > NORMALIZE_EPS, projected, g) / denom
+    return grad_z.to(z.dtype)
 
 
 def _triton_path(z: Tensor, queue: Tensor) -> bool:
@@ -30,7 +52,7 @@ def _triton_path(z: Tensor, queue: Tensor) -> bool:
         return False
     if z.device.type == "cuda":
         return True
-    from nnclr_fast.kernels.nn_search import interpreting
+    from nnclr_fast.ops.nn_search_triton import interpreting
 
     return z.device.type == "cpu" and interpreting()
 
@@ -42,22 +64,22 @@ def _triton_path(z: Tensor, queue: Tensor) -> bool:
 
 @torch.library.custom_op("nnclr_fast::nn_lookup", mutates_args=())
 def _nn_lookup_op(
-    z: Tensor, queue: Tensor, valid: Optional[Tensor], ieee: bool, straight_through: bool
+    z: Tensor, queue: Tensor, valid: Optional[Tensor], ieee: bool, normalize_queue: bool, straight_through: bool
 ) -> tuple[Tensor, Tensor]:
     if _triton_path(z, queue):
-        from nnclr_fast.kernels.nn_search import triton_nn_lookup
+        from nnclr_fast.ops.nn_search_triton import triton_nn_lookup
 
-        return triton_nn_lookup(z, queue, valid, ieee)
-    return chunked_nn_lookup(z, queue, valid, "ieee" if ieee else "default")
+        return triton_nn_lookup(z, queue, valid, ieee, normalize_queue)
+    return cpu_nn_lookup(z, queue, valid, ieee, normalize_queue)
 
 
 @_nn_lookup_op.register_fake
-def _(z, queue, valid, ieee, straight_through):
+def _(z, queue, valid, ieee, normalize_queue, straight_through):
     return z.new_empty(z.shape), z.new_empty(z.shape[0], dtype=torch.int64)
 
 
 def _nn_lookup_setup_context(ctx, inputs, output):
-    z, _, _, _, straight_through = inputs
+    z, _, _, _, _, straight_through = inputs
     ctx.straight_through = straight_through
     ctx.save_for_backward(z if straight_through else None)
 
@@ -65,9 +87,9 @@ def _nn_lookup_setup_context(ctx, inputs, output):
 def _nn_lookup_backward(ctx, grad_out, grad_idx):
     # Never a gradient to the queue: it is a memory of past, detached embeddings.
     if not ctx.straight_through:
-        return None, None, None, None, None
+        return None, None, None, None, None, None
     (z,) = ctx.saved_tensors
-    return normalize_backward(z, grad_out), None, None, None, None
+    return normalize_backward(z, grad_out), None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -76,34 +98,41 @@ torch.library.register_autograd(
 
 
 @torch.library.custom_op("nnclr_fast::nn_topk", mutates_args=())
-def _nn_topk_op(z: Tensor, queue: Tensor, k: int, valid: Optional[Tensor], ieee: bool) -> tuple[Tensor, Tensor]:
-    from nnclr_fast.kernels.nn_search import MAX_KERNEL_TOPK
+def _nn_topk_op(
+    z: Tensor, queue: Tensor, k: int, valid: Optional[Tensor], ieee: bool, normalize_queue: bool
+) -> tuple[Tensor, Tensor]:
+    from nnclr_fast.ops.nn_search_triton import MAX_KERNEL_TOPK
 
     if k <= MAX_KERNEL_TOPK and _triton_path(z, queue):
-        from nnclr_fast.kernels.nn_search import triton_nn_topk
+        from nnclr_fast.ops.nn_search_triton import triton_nn_topk
 
-        return triton_nn_topk(z, queue, k, valid, ieee)
-    values, indices = chunked_nn_topk(z, queue, k, valid, "ieee" if ieee else "default")
-    return values.to(compute_dtype(z)), indices
+        return triton_nn_topk(z, queue, k, valid, ieee, normalize_queue)
+    values, indices = cpu_nn_topk(z, queue, k, valid, ieee, normalize_queue)
+    return values.to(_compute_dtype(z)), indices
 
 
 @_nn_topk_op.register_fake
-def _(z, queue, k, valid, ieee):
-    return z.new_empty((z.shape[0], k), dtype=compute_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
+def _(z, queue, k, valid, ieee, normalize_queue):
+    return z.new_empty((z.shape[0], k), dtype=_compute_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
 
 
 def _nn_topk_setup_context(ctx, inputs, output):
-    z, queue, _, _, _ = inputs
+    z, queue, _, _, _, normalize_queue = inputs
     _, indices = output
+    ctx.normalize_queue = normalize_queue
     ctx.save_for_backward(z, queue, indices)
 
 
 def _nn_topk_backward(ctx, grad_values, grad_idx):
-    # scores[b, j] = <normalize(z_b), queue[idx[b, j]]>, so d/d normalize(z_b) = sum_j g_bj queue[idx_bj].
+    # scores[b, j] = <normalize(z_b), row(idx[b, j])>, so d/d normalize(z_b) = sum_j g_bj row(idx_bj),
+    # where row is the queue row (normalised when normalize_queue); unfilled slots (-1) add nothing.
     z, queue, indices = ctx.saved_tensors
-    rows = queue.index_select(0, indices.reshape(-1)).reshape(*indices.shape, -1).to(grad_values.dtype)
-    grad_normalized = torch.einsum("bk,bkd->bd", grad_values, rows)
-    return normalize_backward(z, grad_normalized), None, None, None, None
+    filled = indices >= 0
+    rows = queue.index_select(0, indices.clamp_min(0).reshape(-1)).reshape(*indices.shape, -1).to(grad_values.dtype)
+    if ctx.normalize_queue:
+        rows = F.normalize(rows, dim=-1, eps=NORMALIZE_EPS)
+    grad_normalized = torch.einsum("bk,bkd->bd", grad_values * filled, rows)
+    return normalize_backward(z, grad_normalized), None, None, None, None, None
 
 
 torch.library.register_autograd("nnclr_fast::nn_topk", _nn_topk_backward, setup_context=_nn_topk_setup_context)
@@ -165,7 +194,7 @@ def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Opt
             raise TypeError(f"valid must be an integer tensor, got {valid.dtype}")
         if valid.device != queue.device:
             raise ValueError(f"valid must be on the queue's device ({queue.device}), got {valid.device}")
-        # Its value is read on the device (clamped to [1, K] there): checking it here would sync.
+        # Its value is read on the device (clamped to [0, K] there): checking it here would sync.
         valid_tensor = valid
     elif valid is not None:
         valid = int_in_range("valid", valid, num_rows, "the queue's rows", "an int or a 0-dim integer tensor")
@@ -185,6 +214,7 @@ def nn_lookup(
     queue: Tensor,
     *,
     valid: int | Tensor | None = None,
+    normalize_queue: bool = False,
     straight_through: bool = True,
     precision: str = "default",
     return_indices: bool = False,
@@ -194,9 +224,16 @@ def nn_lookup(
 
     Args:
         z: (B, D) queries (projections), float32/bfloat16/float16. Normalised internally.
-        queue: (K, D) support set, rows L2-normalised (as ``SupportQueue`` stores them).
+        queue: (K, D) support set. By default its rows are taken to be L2-normalised (as
+            ``SupportQueue`` stores them) and scored by their plain inner product with the
+            normalised query: rows of another length would rank by length as well as by angle.
         valid: search only rows ``[0, valid)``: an int in [1, K], or a 0-dim integer tensor on
-            the queue's device, read on the device (no host sync) and clamped to [1, K] there.
+            the queue's device, read on the device (no host sync) and clamped to [0, K] there.
+            A query with no searchable row (a tensor ``valid`` of 0) gets index -1 and, as its
+            "neighbour", ``F.normalize(z)`` itself.
+        normalize_queue: score a bank of raw, un-normalised rows (as lightly keeps them) by
+            cosine similarity: each row's score is divided by its norm, computed on the fly
+            (no normalised copy of the bank). The row returned is the stored, raw one.
         straight_through: if True (default) the gradient w.r.t. z is that of
             ``F.normalize(z) + (nn - F.normalize(z)).detach()``; if False z gets no gradient
             (the paper's stop-gradient). The queue never receives a gradient.
@@ -205,13 +242,15 @@ def nn_lookup(
         return_indices: also return the (B,) int64 indices of the chosen rows.
         check_finite: raise if z or queue holds NaN/Inf (syncs the host, so off by default).
             Unchecked NaN similarities rank below every real one; a query with no finite
-            similarity (e.g. a NaN row of z) gets row 0.
+            similarity (e.g. a NaN row of z) gets the lowest searchable row.
 
     Returns:
         (B, D) nearest rows in z's dtype, and optionally their indices.
     """
     queue, valid_tensor, _ = _check_inputs(z, queue, valid, precision, check_finite)
-    out, idx = torch.ops.nnclr_fast.nn_lookup(z, queue, valid_tensor, precision == "ieee", bool(straight_through))
+    out, idx = torch.ops.nnclr_fast.nn_lookup(
+        z, queue, valid_tensor, precision == "ieee", bool(normalize_queue), bool(straight_through)
+    )
     if not straight_through:
         # The op already gives z no gradient; detaching also says so (requires_grad=False).
         out = out.detach()
@@ -224,15 +263,17 @@ def nn_topk(
     k: int = 5,
     *,
     valid: int | Tensor | None = None,
+    normalize_queue: bool = False,
     precision: str = "default",
     check_finite: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` most similar queue rows of every query, best first.
 
     Same search semantics and arguments as :func:`nn_lookup`. Returns (B, k) float32 cosine
-    similarities and (B, k) int64 indices; ties go to the lowest index. The similarities are
-    differentiable w.r.t. ``z`` (exact gradient of <normalize(z), queue[idx]>).
+    similarities and (B, k) int64 indices; ties go to the lowest index. A slot that no
+    searchable row can fill (a tensor ``valid`` below k) holds index -1 and score -inf. The
+    similarities are differentiable w.r.t. ``z`` (exact gradient of <normalize(z), row>).
     """
     queue, valid_tensor, searchable = _check_inputs(z, queue, valid, precision, check_finite)
     k = int_in_range("k", k, searchable, "the searchable rows", "an int")
-    return torch.ops.nnclr_fast.nn_topk(z, queue, k, valid_tensor, precision == "ieee")
+    return torch.ops.nnclr_fast.nn_topk(z, queue, k, valid_tensor, precision == "ieee", bool(normalize_queue))

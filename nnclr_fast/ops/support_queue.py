@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from nnclr_fast import _extension
-from nnclr_fast.lookup import int_in_range, nn_lookup
-from nnclr_fast.reference import normalize_queries
+from nnclr_fast.ops import enqueue as enqueue_op
+from nnclr_fast.ops.nn_search import int_in_range, nn_lookup, nn_topk
 
 BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,7 +53,7 @@ class SupportQueue(nn.Module):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         # Built now, not inside the first enqueue: the first call may be under torch.compile
         # tracing or CUDA graph capture, where compiling a C++ extension cannot happen.
-        _extension.load_extension()
+        enqueue_op.load_extension()
         self.register_buffer("bank", torch.zeros(size, dim, dtype=dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
         self.register_buffer("count", torch.zeros((), dtype=torch.int64))
@@ -97,7 +98,7 @@ class SupportQueue(nn.Module):
             raise ValueError("x is empty (batch size 0): there is nothing to enqueue")
         if x.device != self.bank.device:
             raise ValueError(f"x must be on the queue's device ({self.bank.device}), got {x.device}")
-        _extension.require_device(self.bank.device)
+        enqueue_op.require_device(self.bank.device)
         x = x.detach()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             x = _all_gather_rows(x)
@@ -121,23 +122,83 @@ class SupportQueue(nn.Module):
         Returns:
             (B, dim) neighbours in z's dtype, and with ``return_indices`` their (B,) int64 rows.
         """
-        neighbours, indices = nn_lookup(
+        return nn_lookup(
             z,
             self.bank,
             valid=self.count,
             straight_through=straight_through,
             precision=precision,
-            return_indices=True,
+            return_indices=return_indices,
         )
-        # Exactly the normalisation nn_lookup applies to the queries (float32, then z's dtype).
-        own = normalize_queries(z).to(z.dtype)
-        filled = self.count > 0
-        out = torch.where(filled, neighbours, own)
-        if not straight_through:
-            out = out.detach()
-        if return_indices:
-            return out, torch.where(filled, indices, torch.full_like(indices, -1))
-        return out
+
+    def topk(self, z: Tensor, k: int = 5, *, precision: str = "default") -> tuple[Tensor, Tensor]:
+        """The ``k`` most similar filled rows of every query (see :func:`nnclr_fast.nn_topk`):
+        (B, k) float32 cosines and int64 indices, best first; while fewer than ``k`` rows are
+        filled, the remaining slots hold index -1 and similarity -inf."""
+        k = int_in_range("k", k, self.size, "the queue's size", "an int")
+        return nn_topk(z, self.bank, k, valid=self.count, precision=precision)
+
+
+class NNMemoryBankModule(nn.Module):
+    """lightly's ``NNMemoryBankModule`` call on a :class:`SupportQueue`: a one-line swap.
+
+    ::
+
+        from nnclr_fast import NNMemoryBankModule   # instead of lightly.models.modules'
+        bank = NNMemoryBankModule(size=(2**16, 128))
+        nn0 = bank(z0.detach(), update=False)
+        nn1 = bank(z1.detach(), update=True)        # the lookup sees the bank before the update
+
+    ``forward`` returns the detached nearest neighbours (cosine similarity) in ``output``'s
+    dtype; with ``update=True`` the batch is enqueued afterwards. Where this differs from
+    lightly's module, on purpose:
+
+    * rows are stored L2-normalised and returned as unit vectors (lightly stores and returns the
+      raw outputs; NNCLR's loss normalises them anyway, so the loss is the same);
+    * nothing is dropped at the wrap-around (lightly discards the rest of a batch that does not
+      fit before the end of the bank, at every wrap where the bank is not a multiple of the
+      batch size);
+    * the bank starts empty, not as random vectors: only filled rows are searched, and while it
+      is empty the query itself (normalised) comes back;
+    * a NaN row in the bank is never anyone's neighbour (lightly's argmax returns it for every
+      query);
+    * bfloat16/float16 outputs and banks work (``dtype``), and the bank is in ``state_dict``,
+      so checkpoints resume with the same bank.
+
+    Args:
+        size: ``(K, D)``, or an int K with D taken from the first batch.
+        dtype: the bank's dtype (float32, bfloat16 or float16).
+    """
+
+    def __init__(self, size: int | Sequence[int] = 2**16, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if isinstance(size, int):
+            self._rows, dim = int_in_range("size", size), None
+        else:
+            if not isinstance(size, Sequence) or len(size) != 2:
+                raise (ValueError if isinstance(size, Sequence) else TypeError)(
+                    f"size must be an int K or a (K, D) pair, got {size!r}"
+                )
+            self._rows, dim = int_in_range("size[0]", size[0]), int_in_range("size[1]", size[1])
+        self._dtype = dtype
+        self.queue: Optional[SupportQueue] = None if dim is None else SupportQueue(self._rows, dim, dtype)
+
+    def forward(self, output: Tensor, update: bool = False) -> Tensor:
+        if self.queue is None:
+            if not isinstance(output, Tensor) or output.dim() != 2:
+                raise ValueError(f"output must be a 2-D (batch, dim) tensor, got {getattr(output, 'shape', output)}")
+            self.queue = SupportQueue(self._rows, output.shape[1], self._dtype).to(output.device)
+        neighbours = self.queue.lookup(output, straight_through=False)
+        if update:
+            self.queue.enqueue(output)
+        return neighbours
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A bank whose D was to come from the first batch takes it from the checkpoint instead.
+        bank = state_dict.get(prefix + "queue.bank")
+        if self.queue is None and bank is not None:
+            self.queue = SupportQueue(bank.shape[0], bank.shape[1], bank.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _all_gather_rows(x: Tensor) -> Tensor:

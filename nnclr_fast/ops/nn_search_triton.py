@@ -1,0 +1,474 @@
+"""Fused nearest-neighbour search: normalise queries, score every queue row, keep the best.
+
+One kernel, `_nn_search_kernel`, on a grid of (query blocks, queue splits) sized to one wave of
+the chosen config (SMs x CTAs per SM), so no program waits for a second wave:
+
+  * each program loads its BLOCK_B queries once, normalises them in float32, rounds them to the
+    tensor-core operand dtype and keeps them resident (D <= 256; larger D re-reads D-chunks of
+    the queries per queue tile, D_RESIDENT=False);
+  * it streams its contiguous slice of the queue in one loop (Triton's software pipeline spans
+    the whole slice), queue tiles fed by TMA tensor descriptors where the queue allows (16-byte
+    aligned base and row stride, contiguous rows) or by pointer loads otherwise (USE_TMA);
+  * scores exist only tile by tile: a running top-k of (score, index) per query lives in
+    registers, compared lexicographically (score descending, index ascending);
+  * stage 2 is fused: every program writes its per-query candidates, and the last program of a
+    query block to arrive (an atomic counter) merges the splits and writes the final result
+    (for a lookup it also gathers the winning rows).
+
+Ordering contract (nnclr_fast.ops.reference): higher score first, NaN scores rank as -inf (but the
+row stays a candidate), ties go to the lowest queue index, rows at or past `valid` never appear,
+and a slot no searchable row can fill holds index -1 and score -inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import re
+
+import numpy
+import torch
+import triton
+import triton.language as tl
+
+try:  # Host-side TMA descriptors (Triton >= 3.4); without them every queue takes pointer loads.
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
+
+NORMALIZE_EPS = 1e-12  # F.normalize's
+# Index of "no candidate": above every real index, so it loses every tie, and reported as -1.
+SENTINEL = tl.constexpr(2**31 - 1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.findall(r"\d+", version)[:2]
+    return int(major), int(minor)
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    Triton < 3.7's interpreter turns a runtime loop bound into an int via a 1-element array,
+    which NumPy >= 2.4 refuses; the kernels themselves (compiled for a GPU) are unaffected.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with NumPy {numpy_version}: "
+            "install 'numpy<2.4' or Triton >= 3.7"
+        )
+    return None
+
+
+@triton.jit
+def _take_best(run_val, run_idx, scores, cols, slot, TOPK: tl.constexpr):
+    """Merge the best TOPK (score, index) pairs of each row of `scores` into the running list.
+
+    `cols` holds each candidate's index (SENTINEL: no candidate), per row or (1, N) for every row
+    alike; scores are never NaN here. With
+    TOPK == 1 the running list is 1-D. Taken candidates are removed by index, so a real row that
+    scores -inf is still taken exactly once.
+    """
+    for _ in tl.static_range(TOPK):
+        best = tl.max(scores, axis=1)
+        best_idx = tl.min(tl.where(scores == best[:, None], cols, SENTINEL), axis=1)
+        if TOPK == 1:
+            better = (best > run_val) | ((best == run_val) & (best_idx < run_idx))
+            run_val = tl.where(better, best, run_val)
+            run_idx = tl.where(better, best_idx, run_idx)
+        else:
+            # The lexicographically worst running entry (lowest score, then highest index). Padding
+            # slots hold (+inf, -1) and are never it.
+            worst = tl.min(run_val, axis=1)
+            worst_idx = tl.max(tl.where(run_val == worst[:, None], run_idx, -1), axis=1)
+            better = (best > worst) | ((best == worst) & (best_idx < worst_idx))
+            evict = (run_val == worst[:, None]) & (run_idx == worst_idx[:, None]) & better[:, None]
+            run_val = tl.where(evict, best[:, None], run_val)
+            run_idx = tl.where(evict, best_idx[:, None], run_idx)
+            taken = cols == best_idx[:, None]
+            scores = tl.where(taken, float("-inf"), scores)
+            cols = tl.where(taken, SENTINEL, cols)
+    return run_val, run_idx
+
+
+@triton.jit
+def _nn_search_kernel(
+    z_ptr,
+    q_ptr,
+    q_desc,
+    valid_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    counter_ptr,
+    out_ptr,
+    out_idx_ptr,
+    out_val_ptr,
+    B,
+    K,
+    D,
+    stride_zb,
+    stride_zd,
+    stride_qk,
+    stride_qd,
+    stride_ob,
+    stride_od,
+    eps,
+    HAS_VALID: tl.constexpr,
+    NORMALIZE_QUEUE: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_PAD: tl.constexpr,
+    LOOKUP: tl.constexpr,
+    IEEE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    D_RESIDENT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NORM_D: tl.constexpr,
+    MERGE_COLS: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+
+    # Tensor-core operand dtype: the queue's own (TF32 for float32), or exact float32.
+    if IEEE:
+        dot_ty: tl.constexpr = tl.float32
+    else:
+        dot_ty: tl.constexpr = q_ptr.dtype.element_ty
+
+    rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rows_b < B
+    offs_d = tl.arange(0, BLOCK_D)
+    z_rows = z_ptr + rows_b.to(tl.int64)[:, None] * stride_zb
+
+    # Inverse L2 norm of each query, clamped like F.normalize, in D-chunks so no more than one
+    # chunk of float32 queries is live. The queries are normalised before the dot (then rounded to
+    # the operand dtype, as the contract says), so scores are cosines with no per-score scaling.
+    offs_c = tl.arange(0, NORM_D)
+    sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    for d0 in range(0, D, NORM_D):
+        d = d0 + offs_c
+        zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & (d[None, :] < D), other=0.0)
+        zc = zc.to(tl.float32)
+        sq += tl.sum(zc * zc, axis=1)
+    inv_zn = 1.0 / tl.maximum(tl.sqrt(sq), eps)
+    if D_RESIDENT:
+        zr = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=mask_b[:, None] & (offs_d[None, :] < D), other=0.0)
+        zr = zr.to(tl.float32) * inv_zn[:, None]
+        if UPCAST_DOT:
+            zr = zr.to(dot_ty).to(tl.float32)
+        else:
+            zr = zr.to(dot_ty)
+
+    stop = K
+    if HAS_VALID:
+        # Clamped on the device: a bad count can never read outside the queue, and 0 searches nothing.
+        stop = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int32), 0), K)
+    # The searchable rows are dealt out in whole tiles, so no tile straddles two splits.
+    split_rows = tl.cdiv(tl.cdiv(stop, BLOCK_K), num_splits) * BLOCK_K
+    start = pid_s * split_rows
+    end = tl.minimum(start + split_rows, stop)
+
+    slot = tl.arange(0, TOPK_PAD)
+    if TOPK == 1:
+        run_val = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+        run_idx = tl.full((BLOCK_B,), SENTINEL, tl.int32)
+    else:
+        # Empty slots get distinct indices just below SENTINEL, so evicting one never evicts two.
+        pad = slot[None, :] >= TOPK
+        run_val = tl.where(pad, float("inf"), float("-inf")) + tl.zeros((BLOCK_B, TOPK_PAD), tl.float32)
+        run_idx = tl.where(pad, -1, SENTINEL - TOPK_PAD + slot[None, :]) + tl.zeros((BLOCK_B, TOPK_PAD), tl.int32)
+
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in tl.range(start, end, BLOCK_K):
+        rows_k = k0 + offs_k
+        in_slice = rows_k < end
+        q_rows = q_ptr + rows_k.to(tl.int64)[:, None] * stride_qk
+        if D_RESIDENT:
+            if USE_TMA:
+                # Rows past K arrive as zeros (TMA bounds); they are masked below like every row past `end`.
+                q = q_desc.load([k0, 0])
+            else:
+                q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=in_slice[:, None] & (offs_d[None, :] < D), other=0.0)
+            if IEEE:
+                acc = tl.dot(zr, tl.trans(q.to(tl.float32)), input_precision="ieee")
+            elif UPCAST_DOT:
+                # The interpreter mis-computes 16-bit dots; a product of two 16-bit values is exact in
+                # float32, so the upcast dot gives the tensor-core numbers.
+                acc = tl.dot(zr, tl.trans(q.to(tl.float32)), input_precision="ieee")
+            else:
+                acc = tl.dot(zr, tl.trans(q), input_precision="tf32")
+            if NORMALIZE_QUEUE:
+                qf = q.to(tl.float32)
+                q_sq = tl.sum(qf * qf, axis=1)
+        else:
+            acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+            q_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                d = d0 + offs_d
+                mask_d = d < D
+                zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+                zc = (zc.to(tl.float32) * inv_zn[:, None]).to(dot_ty)
+                if USE_TMA:
+                    q = q_desc.load([k0, d0])
+                else:
+                    q = tl.load(q_rows + d[None, :] * stride_qd, mask=in_slice[:, None] & mask_d[None, :], other=0.0)
+                if NORMALIZE_QUEUE:
+                    qf = q.to(tl.float32)
+                    q_sq += tl.sum(qf * qf, axis=1)
+                if IEEE:
+                    acc = tl.dot(zc, tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
+                elif UPCAST_DOT:
+                    acc = tl.dot(zc.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(zc, tl.trans(q), acc, input_precision="tf32")
+        # Per column, not per score: rows past the slice get -inf and the sentinel index, so they
+        # lose every comparison, even against a real row scoring -inf (which has a lower index).
+        col_bias = tl.where(in_slice, 0.0, float("-inf"))
+        cols = tl.where(in_slice, rows_k, SENTINEL)
+        if NORMALIZE_QUEUE:
+            acc = acc * (1.0 / tl.maximum(tl.sqrt(q_sq), eps))[None, :] + col_bias[None, :]
+        else:
+            acc = acc + col_bias[None, :]
+        # max.f32 returns the non-NaN operand: NaN scores become -inf in one instruction.
+        scores = tl.maximum(acc, float("-inf"))
+        run_val, run_idx = _take_best(run_val, run_idx, scores, cols[None, :], slot, TOPK)
+
+    # Stage 1 output: per query, TOPK_PAD candidates per split (padding slots as "no candidate").
+    if TOPK == 1:
+        part_off = rows_b * num_splits + pid_s
+        tl.store(part_val_ptr + part_off, run_val, mask=mask_b)
+        tl.store(part_idx_ptr + part_off, run_idx, mask=mask_b)
+    else:
+        pad = slot[None, :] >= TOPK
+        part_off = (rows_b[:, None] * num_splits + pid_s) * TOPK_PAD + slot[None, :]
+        tl.store(part_val_ptr + part_off, tl.where(pad, float("-inf"), run_val), mask=mask_b[:, None])
+        # Every empty slot is stored as SENTINEL: it can then never enter the merged list.
+        empty = pad | (run_idx >= SENTINEL - TOPK_PAD)
+        tl.store(part_idx_ptr + part_off, tl.where(empty, SENTINEL, run_idx), mask=mask_b[:, None])
+
+    # Stage 2, fused: the barrier orders every thread's partial stores before the counter's
+    # release; the last program of this query block to arrive sees all splits' candidates.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(counter_ptr + pid_b, 1, sem="acq_rel")
+    if arrived == num_splits - 1:
+        num_cands = num_splits * TOPK_PAD
+        offs_m = tl.arange(0, MERGE_COLS)
+        if TOPK == 1:
+            fin_val = tl.full((BLOCK_B,), float("-inf"), tl.float32)
+            fin_idx = tl.full((BLOCK_B,), SENTINEL, tl.int32)
+        else:
+            pad = slot[None, :] >= TOPK
+            fin_val = tl.where(pad, float("inf"), float("-inf")) + tl.zeros((BLOCK_B, TOPK_PAD), tl.float32)
+            fin_idx = tl.where(pad, -1, SENTINEL - TOPK_PAD + slot[None, :]) + tl.zeros((BLOCK_B, TOPK_PAD), tl.int32)
+        for c0 in range(0, num_cands, MERGE_COLS):
+            c = c0 + offs_m
+            m = mask_b[:, None] & (c[None, :] < num_cands)
+            off = rows_b[:, None] * num_cands + c[None, :]
+            cv = tl.load(part_val_ptr + off, mask=m, other=float("-inf"), cache_modifier=".cg")
+            ci = tl.load(part_idx_ptr + off, mask=m, other=SENTINEL, cache_modifier=".cg")
+            fin_val, fin_idx = _take_best(fin_val, fin_idx, cv, ci, slot, TOPK)
+
+        if LOOKUP:
+            found = fin_idx != SENTINEL
+            tl.store(out_idx_ptr + rows_b, tl.where(found, fin_idx, -1).to(tl.int64), mask=mask_b)
+            # The winning rows, in z's dtype; with nothing searchable, F.normalize(z) instead.
+            src = q_ptr + tl.where(found, fin_idx, 0).to(tl.int64)[:, None] * stride_qk
+            dst = out_ptr + rows_b.to(tl.int64)[:, None] * stride_ob
+            for d0 in range(0, D, NORM_D):
+                d = d0 + offs_c
+                m = mask_b[:, None] & (d[None, :] < D)
+                row = tl.load(src + d[None, :] * stride_qd, mask=m & found[:, None], other=0.0)
+                own = tl.load(z_rows + d[None, :] * stride_zd, mask=m & ~found[:, None], other=0.0)
+                own = own.to(tl.float32) * inv_zn[:, None]
+                v = tl.where(found[:, None], row.to(out_ptr.dtype.element_ty), own.to(out_ptr.dtype.element_ty))
+                tl.store(dst + d[None, :] * stride_od, v, mask=m)
+        elif TOPK == 1:
+            tl.store(out_val_ptr + rows_b, fin_val, mask=mask_b)
+            tl.store(out_idx_ptr + rows_b, tl.where(fin_idx == SENTINEL, -1, fin_idx).to(tl.int64), mask=mask_b)
+        else:
+            # Best first: extract the lexicographic maximum TOPK times.
+            pad = slot[None, :] >= TOPK
+            fin_val = tl.where(pad, float("-inf"), fin_val)
+            fin_idx = tl.where(pad, SENTINEL, fin_idx)
+            for j in tl.static_range(TOPK):
+                best = tl.max(fin_val, axis=1)
+                best_idx = tl.min(tl.where(fin_val == best[:, None], fin_idx, SENTINEL), axis=1)
+                tl.store(out_val_ptr + rows_b * TOPK + j, best, mask=mask_b)
+                unfilled = best_idx >= SENTINEL - TOPK_PAD
+                tl.store(out_idx_ptr + rows_b * TOPK + j, tl.where(unfilled, -1, best_idx).to(tl.int64), mask=mask_b)
+                taken = fin_idx == best_idx[:, None]
+                fin_val = tl.where(taken, float("-inf"), fin_val)
+                fin_idx = tl.where(taken, SENTINEL, fin_idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Configs. Chosen by rule, not autotuned: the one-wave grid and the stage-1 buffers depend on the
+# config, and autotuning would time kernels on the first call (no CUDA-graph capture).
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    name: str
+    kind: str  # "mma16" (bf16/fp16 queue), "tf32" (float32 queue), "ieee"
+    d_resident: bool
+    block_b: int
+    block_k: int
+    block_d: int  # D-chunk when not resident; resident configs use next_power_of_2(D)
+    num_warps: int
+    num_stages: int
+    ctas_per_sm: int  # occupancy the grid is sized for; tests/ops/test_nn_search_triton.py checks it
+
+    def block_d_for(self, dim: int) -> int:
+        return max(16, triton.next_power_of_2(dim)) if self.d_resident else self.block_d
+
+
+MAX_RESIDENT_D = 256
+
+CONFIGS = (
+    SearchConfig("mma16_b128", "mma16", True, 128, 64, 0, 8, 3, 1),
+    SearchConfig("mma16_b64", "mma16", True, 64, 128, 0, 4, 3, 1),
+    SearchConfig("mma16_chunked", "mma16", False, 128, 128, 64, 8, 3, 1),
+    SearchConfig("tf32_b128", "tf32", True, 128, 32, 0, 8, 3, 1),
+    SearchConfig("tf32_b64", "tf32", True, 64, 32, 0, 4, 3, 1),
+    SearchConfig("tf32_chunked", "tf32", False, 128, 64, 32, 8, 3, 1),
+    SearchConfig("ieee_b64", "ieee", False, 64, 64, 32, 4, 3, 2),
+)
+_BY_NAME = {c.name: c for c in CONFIGS}
+_INTERPRETER_CONFIG = SearchConfig("interpreter", "any", True, 16, 32, 32, 4, 1, 1)
+# SMs the interpreter pretends to have: enough splits that the CPU tests exercise the fused merge.
+_INTERPRETER_SMS = 6
+
+
+def config_kind(queue_dtype: torch.dtype, ieee: bool) -> str:
+    if ieee:
+        return "ieee"
+    return "tf32" if queue_dtype == torch.float32 else "mma16"
+
+
+def pick_config(batch: int, dim: int, queue_dtype: torch.dtype, ieee: bool) -> SearchConfig:
+    """The config the launcher uses for this problem on a GPU."""
+    kind = config_kind(queue_dtype, ieee)
+    if kind == "ieee":
+        return _BY_NAME["ieee_b64"]
+    if dim > MAX_RESIDENT_D:
+        return _BY_NAME[f"{kind}_chunked"]
+    return _BY_NAME[f"{kind}_b128" if batch > 64 else f"{kind}_b64"]
+
+
+def tma_ok(queue: torch.Tensor) -> bool:
+    """Whether the queue can be fed by TMA: descriptors available, rows contiguous, 16-byte aligned."""
+    if TensorDescriptor is None or queue.stride(1) != 1:
+        return False
+    if not interpreting() and (queue.device.type != "cuda" or torch.cuda.get_device_capability(queue.device)[0] < 9):
+        return False
+    item = queue.element_size()
+    return queue.data_ptr() % 16 == 0 and (queue.stride(0) * item) % 16 == 0
+
+
+def num_splits_for(batch: int, num_rows: int, cfg: SearchConfig, sms: int) -> int:
+    """Queue splits so that (query blocks x splits) is one wave of `cfg` over `sms` SMs, each
+    split keeping >= 4 tiles so the pipeline prologue and the merge stay small."""
+    query_blocks = triton.cdiv(batch, cfg.block_b)
+    wave = sms * cfg.ctas_per_sm
+    return max(1, min(wave // query_blocks, triton.cdiv(num_rows, 4 * cfg.block_k)))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers. Inputs are already validated by nnclr_fast.ops.nn_search.
+
+# Largest k the register-resident running top-k handles; larger k takes the chunked path.
+MAX_KERNEL_TOPK = 16
+
+
+def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
+    if interpreting():
+        problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if problem:
+            raise RuntimeError(problem)
+        cfg, sms = _INTERPRETER_CONFIG, _INTERPRETER_SMS
+        if queue.shape[1] > MAX_RESIDENT_D:
+            cfg = dataclasses.replace(cfg, d_resident=False)
+    else:
+        cfg = pick_config(z.shape[0], z.shape[1], queue.dtype, ieee)
+        sms = torch.cuda.get_device_properties(z.device).multi_processor_count
+    batch, dim = z.shape
+    num_rows = queue.shape[0]
+    block_d = cfg.block_d_for(dim)
+    splits = num_splits_for(batch, num_rows, cfg, sms)
+    query_blocks = triton.cdiv(batch, cfg.block_b)
+    topk_pad = triton.next_power_of_2(k)
+    use_tma = tma_ok(queue)
+    q_desc = TensorDescriptor.from_tensor(queue, [cfg.block_k, block_d]) if use_tma else queue
+
+    dev = z.device
+    part_val = torch.empty((batch, splits * topk_pad), dtype=torch.float32, device=dev)
+    part_idx = torch.empty((batch, splits * topk_pad), dtype=torch.int32, device=dev)
+    counter = torch.zeros((query_blocks,), dtype=torch.int32, device=dev)
+    if lookup:
+        out = torch.empty((batch, dim), dtype=z.dtype, device=dev)
+        out_idx = torch.empty((batch,), dtype=torch.int64, device=dev)
+        out_val = part_val  # never written
+    else:
+        out = z  # never written
+        out_idx = torch.empty((batch, k), dtype=torch.int64, device=dev)
+        out_val = torch.empty((batch, k), dtype=torch.float32, device=dev)
+    _nn_search_kernel[(query_blocks, splits)](
+        z,
+        queue,
+        q_desc,
+        valid if valid is not None else counter,  # never read when HAS_VALID is False
+        part_val,
+        part_idx,
+        counter,
+        out,
+        out_idx,
+        out_val,
+        batch,
+        num_rows,
+        dim,
+        z.stride(0),
+        z.stride(1),
+        queue.stride(0),
+        queue.stride(1),
+        out.stride(0),
+        out.stride(1),
+        NORMALIZE_EPS,
+        HAS_VALID=valid is not None,
+        NORMALIZE_QUEUE=bool(normalize_queue),
+        TOPK=k,
+        TOPK_PAD=topk_pad,
+        LOOKUP=lookup,
+        IEEE=bool(ieee),
+        UPCAST_DOT=interpreting(),
+        USE_TMA=use_tma,
+        D_RESIDENT=cfg.d_resident,
+        BLOCK_B=cfg.block_b,
+        BLOCK_K=cfg.block_k,
+        BLOCK_D=block_d,
+        NORM_D=min(block_d, 32),
+        MERGE_COLS=max(16, min(32, triton.next_power_of_2(splits * topk_pad))),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out, out_idx, out_val
+
+
+def triton_nn_lookup(z, queue, valid, ieee, normalize_queue=False):
+    """(nearest rows in z's dtype, int64 indices; -1 and F.normalize(z) when nothing is searchable)."""
+    out, idx, _ = _search(z, queue, valid, 1, True, ieee, normalize_queue)
+    return out, idx
+
+
+def triton_nn_topk(z, queue, k, valid, ieee, normalize_queue=False):
+    """(B, k) float32 scores and int64 indices, best first, for k <= MAX_KERNEL_TOPK."""
+    _, idx, vals = _search(z, queue, valid, k, False, ieee, normalize_queue)
+    return vals, idx
