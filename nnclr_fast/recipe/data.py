@@ -3,7 +3,7 @@
 Every loader returns a :class:`DatasetSplits`: ``pretrain`` (the images self-supervised training
 sees; label -1 where there is none), ``train`` (labelled, fits the probes) and ``test``. Images
 are uint8 (N, C, H, W): augmentation and resizing happen on the training device, batch-wise
-(see nnclr_fast.augment), so a dataset is just indexed, never decoded per step.
+(see nnclr_fast.recipe.augment), so a dataset is just indexed, never decoded per step.
 
 Nothing here downloads unless asked (``download=True``, which only torchvision's STL-10 and
 CIFAR-10 fetchers do).

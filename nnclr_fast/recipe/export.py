@@ -20,8 +20,8 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from nnclr_fast.checkpoint import atomic_write_bytes, atomic_write_text
-from nnclr_fast.models import ENCODER_SPEC_KEYS, FeatureExtractor, build_feature_extractor
+from nnclr_fast.recipe.checkpoint import atomic_write_bytes, atomic_write_text
+from nnclr_fast.recipe.models import ENCODER_SPEC_KEYS, FeatureExtractor, build_feature_extractor
 
 EXPORT_FORMAT = "nnclr_fast.encoder/1"
 WEIGHTS_FILE = "encoder.safetensors"

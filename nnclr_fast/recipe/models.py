@@ -8,7 +8,7 @@ output 256). Everything is configurable so the same modules serve a ResNet-50 an
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +17,16 @@ from torch import nn
 BACKBONES = ("small", "resnet18", "resnet50")
 
 
-class ProjectionHead(nn.Module):
-    """Linear-BN-ReLU blocks, then Linear-BN. ``num_layers`` counts the linear layers."""
+def _linear(in_dim: Optional[int], out_dim: int, bias: bool = True) -> nn.Module:
+    # Without in_dim the layer learns it from its first input (nn.LazyLinear).
+    return nn.LazyLinear(out_dim, bias=bias) if in_dim is None else nn.Linear(in_dim, out_dim, bias=bias)
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, num_layers: int = 3):
+
+class ProjectionHead(nn.Module):
+    """Linear-BN-ReLU blocks, then Linear-BN. ``num_layers`` counts the linear layers.
+    ``in_dim=None`` sizes the first layer on the first forward."""
+
+    def __init__(self, in_dim: Optional[int], hidden_dim: int = 2048, out_dim: int = 256, num_layers: int = 3):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"ProjectionHead needs num_layers >= 1, got {num_layers}")
@@ -28,9 +34,9 @@ class ProjectionHead(nn.Module):
         dim = in_dim
         for _ in range(num_layers - 1):
             # bias=False: the batch norm right after it would cancel it anyway.
-            layers += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            layers += [_linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
             dim = hidden_dim
-        layers += [nn.Linear(dim, out_dim, bias=False), nn.BatchNorm1d(out_dim)]
+        layers += [_linear(dim, out_dim, bias=False), nn.BatchNorm1d(out_dim)]
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim
 
@@ -184,21 +190,42 @@ class NNCLR(nn.Module):
 
     h is the representation kept after pre-training, z the projection that the support set
     stores and searches, p the prediction compared against the neighbour of the other view.
+
+    ``encoder`` is any module mapping a batch to (B, feature_dim) features. Its feature size is
+    ``feature_dim`` when given, else the encoder's ``feature_dim`` attribute (as
+    :class:`ImageEncoder` has), else learnt from the first batch (the projection head's first
+    layer is then lazy): until one batch has gone through, that layer has no shape, so
+    anything that needs parameter shapes (training.parameter_groups, ``feature_dim``) must wait.
     """
 
     def __init__(
         self,
-        encoder: ImageEncoder,
+        encoder: nn.Module,
         *,
+        feature_dim: Optional[int] = None,
         proj_hidden_dim: int = 2048,
         proj_dim: int = 256,
         proj_layers: int = 3,
         pred_hidden_dim: int = 4096,
     ):
         super().__init__()
+        if feature_dim is None:
+            feature_dim = getattr(encoder, "feature_dim", None)
+        if feature_dim is not None and (isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1):
+            raise ValueError(f"feature_dim must be a positive int, got {feature_dim!r}")
         self.encoder = encoder
-        self.projector = ProjectionHead(encoder.feature_dim, proj_hidden_dim, proj_dim, proj_layers)
+        self.projector = ProjectionHead(feature_dim, proj_hidden_dim, proj_dim, proj_layers)
         self.predictor = PredictionHead(proj_dim, pred_hidden_dim, proj_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        first = self.projector.net[0]
+        if isinstance(first.weight, nn.parameter.UninitializedParameter):
+            raise RuntimeError(
+                f"the feature size of this {type(self.encoder).__name__} encoder is not known until the first forward; "
+                "pass NNCLR(..., feature_dim=...) or run one batch through the model first"
+            )
+        return first.in_features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         h = self.encoder(x)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnclr_fast.losses import contrastive_accuracy, nnclr_loss
+from nnclr_fast.recipe.losses import contrastive_accuracy, nnclr_loss
 
 METHODS = ("nnclr", "simclr")
 
@@ -55,7 +55,7 @@ def contrastive_step(
 ) -> StepOutput:
     """Forward both views, form the positives, and return the loss (not yet backpropagated).
 
-    ``model(x)`` returns (h, z, p) as :class:`nnclr_fast.models.NNCLR` does. ``queue`` is a
+    ``model(x)`` returns (h, z, p) as :class:`nnclr_fast.recipe.models.NNCLR` does. ``queue`` is a
     :class:`nnclr_fast.SupportQueue` (unused for ``method="simclr"``, may be None there).
     For NNCLR the queue is updated in place, after the lookups (see the module docstring).
     ``straight_through=False`` (the default) treats the neighbour as the constant it is, a
@@ -136,6 +136,8 @@ def parameter_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[
     decay, no_decay = [], []
     for module in modules:
         for param in module.parameters():
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                raise ValueError("a lazy layer has no shape yet: run one batch through the model before grouping its parameters")
             if param.requires_grad:
                 (decay if param.dim() > 1 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -147,6 +149,23 @@ def build_optimizer(name: str, groups: list[dict], lr: float) -> torch.optim.Opt
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
+
+
+class DeviceSums:
+    """Named running sums kept on the device in float64, so a step never waits for the host;
+    read one by name (a host sync) only when it is needed."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, **values: torch.Tensor) -> None:
+        for name, value in values.items():
+            total = self.sums.get(name)
+            value = value.detach().to(torch.float64)
+            self.sums[name] = value if total is None else total + value
+
+    def get(self, name: str) -> float:
+        return float(self.sums[name]) if name in self.sums else 0.0
 
 
 def train_one_epoch(
@@ -169,16 +188,18 @@ def train_one_epoch(
     straight_through: bool = False,
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
-    progress: Optional[Callable[[dict], None]] = None,
+    progress: Optional[Callable[[int, DeviceSums], None]] = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` (index tensors into ``images``/``labels``); returns the epoch's
     mean loss, contrastive accuracy and online-probe loss/accuracy on the labelled rows.
 
-    ``probe`` is called as ``probe(features)`` (it may be wrapped in DistributedDataParallel). Metrics stay on the device until the end of the epoch.
+    ``probe`` is called as ``probe(features)`` (it may be wrapped in DistributedDataParallel).
+    ``progress(step, sums)`` is called after every step with the running :class:`DeviceSums`
+    (``loss``, ``contrastive_acc``, ``probe_loss``, ``probe_hits``, ``labelled``).
     """
     model.train()
     probe.train()
-    totals = torch.zeros(5, device=device, dtype=torch.float64)
+    sums = DeviceSums()
     for step, idx in enumerate(batches):
         batch = images[idx].to(device, non_blocking=True)
         batch_labels = labels[idx].to(device, non_blocking=True)
@@ -198,15 +219,17 @@ def train_one_epoch(
         optimizer.step()
         probe_optimizer.step()
         scheduler.step()
-        acc = contrastive_accuracy(out.h1, out.h2)
-        totals += torch.stack([out.loss.detach().double(), acc.double(), probe_loss.detach().double() * count, hits.double(), count.double()])
+        sums.add(
+            loss=out.loss, contrastive_acc=contrastive_accuracy(out.h1, out.h2),
+            probe_loss=probe_loss.double() * count, probe_hits=hits, labelled=count,
+        )
         if progress is not None:
-            progress({"step": step, "totals": totals})
+            progress(step, sums)
     steps = max(len(batches), 1)
-    t = totals.tolist()
+    labelled = sums.get("labelled")
     return {
-        "loss": t[0] / steps,
-        "contrastive_acc": t[1] / steps,
-        "probe_train_loss": t[2] / t[4] if t[4] else float("nan"),
-        "probe_train_acc": t[3] / t[4] if t[4] else float("nan"),
+        "loss": sums.get("loss") / steps,
+        "contrastive_acc": sums.get("contrastive_acc") / steps,
+        "probe_train_loss": sums.get("probe_loss") / labelled if labelled else float("nan"),
+        "probe_train_acc": sums.get("probe_hits") / labelled if labelled else float("nan"),
     }

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nnclr_fast.augment import SimCLRAugment, color_jitter, gaussian_blur, grayscale
+from nnclr_fast.recipe.augment import SimCLRAugment, color_jitter, gaussian_blur, grayscale
 
 
 def _identical_batch(n=8, c=3, size=24, dtype=torch.uint8):

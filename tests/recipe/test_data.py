@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnclr_fast.data import (
+from nnclr_fast.recipe.data import (
     epoch_batches,
     load_dataset,
     load_digits_splits,

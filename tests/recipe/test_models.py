@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnclr_fast.models import (
+from nnclr_fast.recipe.models import (
     NNCLR,
     FeatureExtractor,
     ImageEncoder,
@@ -128,3 +128,36 @@ def test_feature_extractor_spec_is_checked():
     with pytest.raises(ValueError, match="channel means"):
         build_feature_extractor(_spec(mean=[0.1, 0.2, 0.3], std=[1, 1, 1]))
     assert isinstance(build_feature_extractor(_spec()), FeatureExtractor)
+
+
+def _sequential():
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 20), nn.ReLU())
+
+
+def test_nnclr_takes_a_plain_sequential_backbone_with_an_explicit_feature_dim():
+    model = NNCLR(_sequential(), feature_dim=20, proj_hidden_dim=32, proj_dim=12, pred_hidden_dim=24)
+    assert model.feature_dim == 20
+    assert model.projector.net[0].in_features == 20
+    h, z, p = model(torch.rand(5, 3, 4, 4))
+    assert h.shape == (5, 20) and z.shape == (5, 12) and p.shape == (5, 12)
+    with pytest.raises(ValueError, match="feature_dim"):
+        NNCLR(_sequential(), feature_dim=0)
+
+
+def test_nnclr_infers_the_feature_dim_of_a_sequential_backbone_on_the_first_batch():
+    model = NNCLR(_sequential(), proj_hidden_dim=32, proj_dim=12, pred_hidden_dim=24)
+    with pytest.raises(RuntimeError, match="Sequential encoder is not known until the first forward.*feature_dim="):
+        model.feature_dim
+    optimizer = torch.optim.AdamW(model.parameters())
+    h, z, p = model(torch.rand(5, 3, 4, 4))
+    assert model.feature_dim == 20 and z.shape == (5, 12)
+    p.square().sum().backward()
+    optimizer.step()
+    # Once sized it is an ordinary model: its state dict loads into one given the size.
+    sized = NNCLR(_sequential(), feature_dim=20, proj_hidden_dim=32, proj_dim=12, pred_hidden_dim=24)
+    sized.load_state_dict(model.state_dict())
+
+
+def test_nnclr_reads_the_feature_dim_of_an_image_encoder():
+    fe = build_feature_extractor(_spec(width=8))
+    assert NNCLR(fe.encoder, proj_hidden_dim=16, proj_dim=4, pred_hidden_dim=16).feature_dim == 8

@@ -1,4 +1,5 @@
-"""examples/train_nnclr.py end to end on tiny configurations, and its answers to bad input.
+"""examples/train_nnclr.py and examples/minimal_nnclr.py end to end on tiny configurations, and
+the training script's answers to bad input.
 
 Training runs go through a subprocess, as a user runs the script, without TRITON_INTERPRET:
 under the interpreter (which conftest turns on for the kernel tests) every nearest-neighbour
@@ -20,8 +21,9 @@ import torch
 import nnclr_fast
 from test_data import write_stl10
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train_nnclr.py"
+MINIMAL = ROOT / "examples" / "minimal_nnclr.py"
 TINY = [
     "--batch-size", "64", "--width", "16", "--image-size", "16",
     "--proj-hidden-dim", "32", "--proj-dim", "16", "--pred-hidden-dim", "32", "--queue-size", "256",
@@ -29,10 +31,10 @@ TINY = [
 ]
 
 
-def run_script(*args, cwd=None):
+def run_script(*args, cwd=None, script=SCRIPT):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
     return proc
 
 
@@ -62,20 +64,25 @@ def test_help_lists_the_options(script, capsys):
         script.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--dataset", "--data-dir", "--backbone", "--method", "--resume", "--export", "--compile", "--sync-bn"):
+    for option in (
+        "--dataset", "--data-dir", "--download", "--backbone", "--method", "--resume", "--stop-after-epochs", "--export",
+        "--compile", "--sync-bn", "--no-progress", "--no-raw-baseline", "--straight-through", "--jitter B C S H",
+    ):
         assert option in out
+    assert "default per dataset:" in out
 
 
 def test_end_to_end_writes_results_metrics_and_curves(tiny_run):
     out, _, stdout = tiny_run
     results = json.loads((out / "results.json").read_text())
-    for key in ("linear_acc", "knn_acc", "linear_acc_5_per_class"):
+    for key in ("linear_acc", "knn_acc", "weighted_knn_acc", "linear_acc_5_per_class"):
         assert 0.0 <= results[key] <= 1.0
         assert 0.0 <= results["random_init"][key] <= 1.0
         assert 0.0 <= results["raw_pixels"][key] <= 1.0
     assert results["dataset"] == "digits" and results["method"] == "nnclr" and results["train_seconds"] > 0
     lines = (out / "metrics.csv").read_text().splitlines()
     assert lines[0].split(",")[:4] == ["epoch", "loss", "contrastive_acc", "probe_train_loss"]
+    assert "weighted_knn_test_acc" in lines[0].split(",")
     assert len(lines) == 2 and lines[1].startswith("1,")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "random init" in stdout and "k-NN" in stdout and "raw pixels" in stdout
@@ -85,7 +92,7 @@ def test_exported_encoder_is_the_trained_encoder(tiny_run):
     out, export, _ = tiny_run
     encoder = nnclr_fast.load_encoder(export)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
-    from nnclr_fast.models import build_feature_extractor
+    from nnclr_fast.recipe.models import build_feature_extractor
 
     trained = build_feature_extractor(state["encoder_spec"])
     encoder_state = {k[len("encoder."):]: v for k, v in state["model"].items() if k.startswith("encoder.")}
@@ -240,3 +247,16 @@ def test_two_processes_with_gloo_share_one_queue(tmp_path):
     assert not torch.equal(state["rng"][0]["generators"]["augment"], state["rng"][1]["generators"]["augment"])
     assert torch.equal(state["rng"][0]["generators"]["data"], state["rng"][1]["generators"]["data"])
     assert (tmp_path / "ddp" / "results.json").is_file()
+
+
+def test_the_minimal_example_trains_and_reports_a_knn_accuracy():
+    proc = run_script("--epochs", "1", script=MINIMAL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "epoch   1  loss" in proc.stdout
+    accuracy = float(proc.stdout.rsplit(":", 1)[1])
+    assert 0.5 < accuracy <= 1.0
+
+
+def test_the_examples_stay_short():
+    assert len(SCRIPT.read_text().splitlines()) <= 200
+    assert len(MINIMAL.read_text().splitlines()) <= 80

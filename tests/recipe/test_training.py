@@ -1,0 +1,172 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnclr_fast import SupportQueue
+from nnclr_fast.recipe.losses import nnclr_loss
+from nnclr_fast.recipe.models import NNCLR, ImageEncoder
+from nnclr_fast.recipe.training import (
+    DeviceSums,
+    OnlineProbe,
+    WarmupCosine,
+    contrastive_step,
+    parameter_groups,
+    probe_loss_and_hits,
+    train_one_epoch,
+)
+
+# The training step: simclr/nnclr switch and lookup-before-enqueue.
+
+B, D = 6, 8
+
+
+def _model():
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU())
+    return NNCLR(ImageEncoder(backbone, 16, [0.5] * 3, [0.5] * 3), proj_hidden_dim=32, proj_dim=D, pred_hidden_dim=32)
+
+
+def _views():
+    return torch.rand(B, 3, 4, 4), torch.rand(B, 3, 4, 4)
+
+
+class SpyQueue:
+    """Records the order of calls, then delegates to a real SupportQueue."""
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.calls = []
+
+    def lookup(self, z, **kwargs):
+        self.calls.append("lookup")
+        return self.queue.lookup(z, **kwargs)
+
+    def enqueue(self, x):
+        self.calls.append("enqueue")
+        return self.queue.enqueue(x)
+
+
+def test_step_looks_up_both_views_before_enqueueing():
+    spy = SpyQueue(SupportQueue(64, D))
+    contrastive_step(_model(), spy, *_views())
+    assert spy.calls == ["lookup", "lookup", "enqueue"]
+
+
+def test_a_view_is_never_its_own_neighbour():
+    queue = SupportQueue(64, D)
+    queue.enqueue(torch.randn(32, D))
+    out = contrastive_step(_model(), queue, *_views())
+    # Had z1 been enqueued before the lookup, NN(z1) would be z1 itself: cosine exactly 1.
+    cos = F.cosine_similarity(out.positives1, out.z1, dim=1)
+    assert (cos < 0.999).all(), cos
+    assert int(queue.count) == 32 + B
+
+
+def test_step_enqueues_the_detached_view1_projections():
+    queue = SupportQueue(64, D)
+    out = contrastive_step(_model(), queue, *_views())
+    assert int(queue.count) == B
+    torch.testing.assert_close(queue.bank[:B], F.normalize(out.z1.detach(), dim=1))
+    assert not queue.bank.requires_grad
+    # The first step of a run has an empty support set: each view is its own positive.
+    torch.testing.assert_close(out.positives1, F.normalize(out.z1, dim=1))
+
+
+def test_simclr_uses_the_same_pipeline_without_the_queue():
+    spy = SpyQueue(SupportQueue(64, D))
+    model = _model()
+    x1, x2 = _views()
+    out = contrastive_step(model, spy, x1, x2, method="simclr")
+    assert spy.calls == []
+    assert int(spy.queue.count) == 0
+    _, z, p = model(torch.cat([x1, x2]))
+    torch.testing.assert_close(out.loss, nnclr_loss(z[:B], z[B:], p[:B], p[B:]))
+    assert contrastive_step(model, None, x1, x2, method="simclr").loss.isfinite()
+
+
+def test_nnclr_and_simclr_losses_differ_once_the_queue_has_rows():
+    model = _model()
+    x1, x2 = _views()
+    queue = SupportQueue(64, D)
+    queue.enqueue(torch.randn(32, D))
+    nnclr = contrastive_step(model, queue, x1, x2, method="nnclr").loss
+    simclr = contrastive_step(model, None, x1, x2, method="simclr").loss
+    assert not torch.allclose(nnclr, simclr)
+
+
+def test_step_gradients_reach_the_encoder_in_both_modes():
+    for straight_through in (True, False):
+        model = _model()
+        queue = SupportQueue(64, D)
+        queue.enqueue(torch.randn(32, D))
+        contrastive_step(model, queue, *_views(), straight_through=straight_through).loss.backward()
+        grad = model.encoder.backbone[1].weight.grad
+        assert grad is not None and grad.abs().sum() > 0
+
+
+def test_step_rejects_unknown_method_and_missing_queue():
+    with pytest.raises(ValueError, match="method"):
+        contrastive_step(_model(), None, *_views(), method="byol")
+    with pytest.raises(ValueError, match="queue"):
+        contrastive_step(_model(), None, *_views(), method="nnclr")
+
+
+def test_warmup_cosine_schedule():
+    f = WarmupCosine(total_steps=110, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert WarmupCosine(5)(0) == 1.0
+    with pytest.raises(ValueError, match="total_steps"):
+        WarmupCosine(0)
+
+
+def test_online_probe_ignores_unlabelled_rows_and_never_trains_the_encoder():
+    probe = OnlineProbe(4, 3)
+    features = torch.randn(6, 4, requires_grad=True)
+    labels = torch.tensor([0, 1, -1, 2, -1, -1])
+    loss, hits, count = probe_loss_and_hits(probe(features), labels)
+    assert int(count) == 3 and 0 <= int(hits) <= 3
+    loss.backward()
+    assert features.grad is None and probe.linear.weight.grad is not None
+    none, _, zero = probe_loss_and_hits(probe(features.detach()), torch.full((6,), -1))
+    assert int(zero) == 0 and none.item() == 0.0
+
+
+def test_parameter_groups_decay_matrices_only_and_refuse_unsized_lazy_layers():
+    model = _model()
+    decay, no_decay = parameter_groups([model], 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() > 1 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    lazy = NNCLR(nn.Sequential(nn.Flatten(), nn.Linear(48, 16)), proj_hidden_dim=32, proj_dim=D, pred_hidden_dim=32)
+    with pytest.raises(ValueError, match="run one batch"):
+        parameter_groups([lazy], 0.1)
+
+
+def test_device_sums_add_by_name_in_float64():
+    sums = DeviceSums()
+    assert sums.get("loss") == 0.0
+    sums.add(loss=torch.tensor(1.5), hits=torch.tensor(3))
+    sums.add(loss=torch.tensor(0.25, requires_grad=True), hits=torch.tensor(2))
+    assert sums.get("loss") == 1.75 and sums.get("hits") == 5.0
+    assert sums.sums["loss"].dtype == torch.float64 and not sums.sums["loss"].requires_grad
+
+
+def test_train_one_epoch_reports_named_means_and_steps_the_schedule():
+    model, probe = _model(), OnlineProbe(16, 3)
+    queue = SupportQueue(64, D)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe_optimizer = torch.optim.SGD(probe.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(10))
+    images = torch.randint(0, 256, (18, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, -1, -1, -1] * 3)
+    seen = []
+    metrics = train_one_epoch(
+        model, queue, probe, lambda x, g: x.float() / 255, images, labels, list(torch.arange(18).split(B)),
+        optimizer, probe_optimizer, scheduler, device=torch.device("cpu"),
+        progress=lambda step, sums: seen.append((step, sums.get("labelled"))),
+    )
+    assert set(metrics) == {"loss", "contrastive_acc", "probe_train_loss", "probe_train_acc"}
+    assert seen == [(0, 3.0), (1, 6.0), (2, 9.0)]
+    assert int(queue.count) == 18 and scheduler.last_epoch == 3
+    assert metrics["loss"] > 0 and 0 <= metrics["probe_train_acc"] <= 1
