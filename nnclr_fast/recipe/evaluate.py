@@ -105,23 +105,6 @@ def few_shot_linear_accuracy(
     return float(np.mean(accs)), float(np.std(accs))
 
 
-def _knn_scores(
-    bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int, temperature: Optional[float],
-    batch_size: int,
-) -> torch.Tensor:
-    """(Q, num_classes) vote totals: 1 per neighbour (``temperature=None``) or exp(sim / T).
-
-    Queries go in batches of ``batch_size``: nn_topk streams the bank, so memory stays
-    O(batch_size x (k + num_classes)) beside the bank however many rows it holds.
-    """
-    totals = []
-    for chunk in queries.split(batch_size):
-        sims, idx = nn_topk(chunk, bank, k, normalize_queue=True, precision="ieee")
-        votes = torch.ones_like(sims) if temperature is None else (sims / temperature).exp()
-        totals.append(torch.zeros(chunk.shape[0], num_classes, device=bank.device).scatter_add_(1, bank_labels[idx], votes))
-    return torch.cat(totals)
-
-
 def knn_predict(
     train_x, train_y, queries, *, k: int = 5, temperature: Optional[float] = None, batch_size: int = 4096, device=None
 ) -> torch.Tensor:
