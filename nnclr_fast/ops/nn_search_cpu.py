@@ -89,7 +89,7 @@ def _chunk_scores(zn, queue, valid, normalize_queue: bool, chunk_rows: int | Non
     convert = queue.dtype != zn.dtype or normalize_queue
     rows_buf = zn.new_empty((chunk, dim)) if convert else None
     if isinstance(valid, torch.Tensor):
-        limit = valid.clamp(0, queue.shape[0]).to(device=zn.device, dtype=torch.int64)
+        limit = _searchable_count(queue, valid)
         cols = torch.arange(chunk, device=zn.device)
     for start in range(0, stop, chunk):
         n = min(chunk, stop - start)
@@ -107,15 +107,19 @@ def _chunk_scores(zn, queue, valid, normalize_queue: bool, chunk_rows: int | Non
         yield start, sims
 
 
+def _host_reads_free(device: torch.device) -> bool:
+    return device.type == "cpu"
+
+
 def _nan_to_lowest_(x: torch.Tensor) -> torch.Tensor:
     return x.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
 
 
-def _searchable_count(queue, valid, stop: int):
-    """How many rows were searchable: a tensor (read on the device) or an int."""
+def _searchable_count(queue, valid):
+    """How many rows are searchable: a 0-dim tensor for a tensor ``valid`` (read on the device)."""
     if isinstance(valid, torch.Tensor):
         return valid.clamp(0, queue.shape[0]).to(torch.int64)
-    return stop
+    return _searchable_stop(queue, valid)
 
 
 def _topk_lowest_index(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,19 +186,27 @@ def cpu_nn_topk(
     best_vals = zn.new_full((batch, k), _NEG_INF)
     best_idx = torch.full((batch, k), -1, dtype=torch.int64, device=zn.device)
     chunk_max = zn.new_empty(batch)
+    # The filters below read flags on the host: free on the CPU, a sync per chunk on a GPU (which
+    # takes this path for k > 16 only), where every query takes every chunk instead.
+    host_reads = _host_reads_free(zn.device)
+    every_row = torch.arange(batch, device=zn.device)
     for start, sims in _chunk_scores(zn, queue, valid, normalize_queue, chunk_rows):
-        torch.amax(sims, dim=1, out=chunk_max)
-        # A query needs this chunk only if it beats its k-th best (ties go to the earlier, lower
-        # index), hides a NaN (amax propagates it), or still has an empty slot.
-        need = ~(chunk_max <= best_vals[:, -1]) | (best_idx[:, -1] < 0)
-        rows = need.nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        # The first chunks concern every query: no copy then (the buffer is scratch anyway).
-        sub = sims if rows.numel() == batch else sims.index_select(0, rows)
-        if bool(torch.isnan(chunk_max.index_select(0, rows)).any()):
-            _nan_to_lowest_(sub)
-        chunk_vals, chunk_cols = _chunk_topk(sub, k)
+        if not host_reads:
+            rows = every_row
+            chunk_vals, chunk_cols = _topk_lowest_index(_nan_to_lowest_(sims), k)
+        else:
+            torch.amax(sims, dim=1, out=chunk_max)
+            # A query needs this chunk only if it beats its k-th best (ties go to the earlier,
+            # lower index), hides a NaN (amax propagates it), or still has an empty slot.
+            need = ~(chunk_max <= best_vals[:, -1]) | (best_idx[:, -1] < 0)
+            rows = need.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            # The first chunks concern every query: no copy then (the buffer is scratch anyway).
+            sub = sims if rows.numel() == batch else sims.index_select(0, rows)
+            if bool(torch.isnan(chunk_max.index_select(0, rows)).any()):
+                _nan_to_lowest_(sub)
+            chunk_vals, chunk_cols = _chunk_topk(sub, k)
         # Both halves are ordered (score desc, index asc) and every running index is below this
         # chunk's, so a stable sort of their concatenation keeps ties on the lowest index; a
         # second stable sort moves the running empty slots (-1) behind every real candidate.
@@ -207,7 +219,7 @@ def cpu_nn_topk(
         best_idx.index_copy_(0, rows, idx.gather(1, order))
     if isinstance(valid, torch.Tensor):
         # Slots holding masked rows (at or past valid) could only be filled by their -inf.
-        unfilled = best_idx >= _searchable_count(queue, valid, 0)
+        unfilled = best_idx >= _searchable_count(queue, valid)
         best_vals.masked_fill_(unfilled, _NEG_INF)
         best_idx.masked_fill_(unfilled, -1)
     return best_vals, best_idx
@@ -256,8 +268,8 @@ def cpu_nn_lookup(
         best_idx.index_copy_(0, rows, torch.where(better, cols + start, best_idx.index_select(0, rows)))
     # A query none of whose searchable scores beat -inf (all NaN or -inf) gets the first
     # searchable row, as argmax would; with nothing searchable it keeps -1.
-    searchable = _searchable_count(queue, valid, _searchable_stop(queue, valid))
-    best_idx = torch.where(best_idx < 0, torch.where(torch.as_tensor(searchable) > 0, 0, -1), best_idx)
+    anything = torch.as_tensor(_searchable_count(queue, valid)) > 0  # on the device for a tensor valid
+    best_idx = torch.where(best_idx < 0, torch.where(anything, 0, -1), best_idx)
     found = best_idx >= 0
     rows = queue.index_select(0, best_idx.clamp_min(0)).to(z.dtype)
     own = F.normalize(z.to(zn.dtype), dim=1).to(z.dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nnclr_fast.ops.nn_search_cpu as nn_search_cpu
 import nnclr_fast.ops.nn_search_triton as nn_search_triton
 from nnclr_fast import nn_lookup, nn_topk
 from nnclr_fast.ops.nn_search_cpu import cpu_nn_lookup, cpu_nn_topk
@@ -329,3 +330,16 @@ def test_cpu_dispatch_without_interpreter(monkeypatch):
     assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
     _, idx = nn_lookup(z.detach(), queue, valid=torch.tensor(0), return_indices=True)
     assert torch.equal(idx, torch.full((7,), -1))
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+def test_topk_without_host_reads_matches_reference(monkeypatch, chunk_rows):
+    # On a GPU (nn_topk with k > 16) the path reads nothing on the host: every query takes every
+    # chunk. The same branch, driven here on CPU tensors, must give the oracle's answer.
+    monkeypatch.setattr(nn_search_cpu, "_host_reads_free", lambda device: False)
+    z, queue = integer_inputs(6, 90, 12)
+    queue[[3, 40]] = NAN
+    for k, valid in ((4, None), (30, None), (20, torch.tensor(10)), (5, torch.tensor(0))):
+        vals, idx = cpu_nn_topk(z, queue, k, valid=valid, chunk_rows=chunk_rows)
+        ref_vals, ref_idx = reference_nn_topk(z, queue, k, valid=valid)
+        assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
