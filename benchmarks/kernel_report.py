@@ -30,6 +30,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from nnclr_fast.ops import nn_search_plan as plans  # noqa: E402  (configs and the launcher's rules)
 DEFAULT_KERNEL = ROOT / "nnclr_fast" / "ops" / "nn_search_triton.py"
 
 # H100 SXM5 (datasheet, dense) and the occupancy limits of sm_90.
@@ -191,12 +193,12 @@ def current_variants(mod, case: str, dim: int):
     z, q, ieee = CASES[case]
     import torch
 
-    kind = mod.config_kind(getattr(torch, q), ieee)
-    for cfg in mod.CONFIGS:
+    kind = plans.config_kind(getattr(torch, q), ieee)
+    for cfg in plans.CONFIGS:
         if cfg.kind != kind:
             continue
         yield cfg.name, current_spec(mod, cfg, z, q, ieee, dim), (
-            lambda b, k, cfg=cfg: (triton.cdiv(b, cfg.block_b), mod.num_splits_for(b, k, cfg, H100["sms"]))
+            lambda b, k, cfg=cfg: (triton.cdiv(b, cfg.block_b), plans.num_splits_for(b, k, cfg, H100["sms"]))
         ), cfg
 
 
@@ -320,7 +322,7 @@ def run(kernel: Path, jobs: int) -> dict:
                 import torch
 
                 z, q, ieee = CASES[case]
-                picked = mod.pick_config(batch, dim, getattr(torch, q), ieee).name == name
+                picked = plans.pick_config(batch, dim, getattr(torch, q), ieee).name == name
             rows.append({
                 "case": case, "B": batch, "D": dim, "K": HEADLINE_K, "config": name,
                 "launcher_picks": picked, **blocks, **facts,

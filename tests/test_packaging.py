@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 USE_INSTALLED = """
 import sys, torch
 import nnclr_fast
-from nnclr_fast.ops import enqueue as enqueue_op
+from nnclr_fast.ops import enqueue as enqueue_op, extension
 site = sys.argv[1]
 assert nnclr_fast.__file__.startswith(site), nnclr_fast.__file__
 queue = nnclr_fast.SupportQueue(16, 8)
@@ -24,7 +24,7 @@ out, idx = queue.lookup(torch.randn(3, 8), return_indices=True)
 assert out.shape == (3, 8) and ((idx >= 0) & (idx < 5)).all()
 vals, top = nnclr_fast.nn_topk(torch.randn(2, 8), queue.bank, 3, valid=queue.count)
 assert top.shape == (2, 3)
-print("backend", enqueue_op.load_extension(), enqueue_op.source_dir())
+print("backend", enqueue_op.load_extension(), extension.source_dir())
 """
 
 

@@ -6,14 +6,13 @@ and nothing in them syncs the host, so a step that calls them can be captured in
 
 Dispatch:
   * CUDA tensors run the fused Triton kernel (nnclr_fast/ops/nn_search_triton.py);
-  * CPU tensors run the chunked plain-PyTorch path (nnclr_fast/ops/nn_search_cpu.py), or, under
+  * CPU tensors run the chunked PyTorch path (nnclr_fast/ops/nn_search_torch.py), or, under
     ``TRITON_INTERPRET=1``, the Triton kernel itself in the interpreter (how CI proves it);
   * float64 inputs (CPU only, for gradcheck) and ``nn_topk`` with k > 16 take the chunked path.
 """
 
 from __future__ import annotations
 
-import operator
 from typing import Optional
 
 import torch
@@ -21,21 +20,16 @@ from torch import Tensor
 
 import torch.nn.functional as F
 
-from nnclr_fast.ops.nn_search_cpu import cpu_nn_lookup, cpu_nn_topk
+from nnclr_fast.ops.common import FLOAT_DTYPES, NORMALIZE_EPS, compute_dtype, int_in_range
+from nnclr_fast.ops.nn_search_plan import MAX_KERNEL_TOPK
+from nnclr_fast.ops.nn_search_torch import torch_nn_lookup, torch_nn_topk
 
 PRECISIONS = ("default", "ieee")
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NORMALIZE_EPS = 1e-12  # F.normalize's
-
-
-def _compute_dtype(z: Tensor) -> torch.dtype:
-    return torch.float64 if z.dtype == torch.float64 else torch.float32
-
 
 def normalize_backward(z: Tensor, grad: Tensor) -> Tensor:
     """Vector-Jacobian product of ``F.normalize(z.float(), dim=1)`` at ``z``, in z's dtype: the
     straight-through gradient, d/dz of ``F.normalize(z) + (nn - F.normalize(z)).detach()``."""
-    zc = z.to(_compute_dtype(z))
+    zc = z.to(compute_dtype(z))
     norm = zc.norm(dim=1, keepdim=True)
     denom = norm.clamp_min(NORMALIZE_EPS)
     y = zc / denom
@@ -70,7 +64,7 @@ def _nn_lookup_op(
         from nnclr_fast.ops.nn_search_triton import triton_nn_lookup
 
         return triton_nn_lookup(z, queue, valid, ieee, normalize_queue)
-    return cpu_nn_lookup(z, queue, valid, ieee, normalize_queue)
+    return torch_nn_lookup(z, queue, valid, ieee, normalize_queue)
 
 
 @_nn_lookup_op.register_fake
@@ -101,19 +95,17 @@ torch.library.register_autograd(
 def _nn_topk_op(
     z: Tensor, queue: Tensor, k: int, valid: Optional[Tensor], ieee: bool, normalize_queue: bool
 ) -> tuple[Tensor, Tensor]:
-    from nnclr_fast.ops.nn_search_triton import MAX_KERNEL_TOPK
-
     if k <= MAX_KERNEL_TOPK and _triton_path(z, queue):
         from nnclr_fast.ops.nn_search_triton import triton_nn_topk
 
         return triton_nn_topk(z, queue, k, valid, ieee, normalize_queue)
-    values, indices = cpu_nn_topk(z, queue, k, valid, ieee, normalize_queue)
-    return values.to(_compute_dtype(z)), indices
+    values, indices = torch_nn_topk(z, queue, k, valid, ieee, normalize_queue)
+    return values.to(compute_dtype(z)), indices
 
 
 @_nn_topk_op.register_fake
 def _(z, queue, k, valid, ieee, normalize_queue):
-    return z.new_empty((z.shape[0], k), dtype=_compute_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
+    return z.new_empty((z.shape[0], k), dtype=compute_dtype(z)), z.new_empty((z.shape[0], k), dtype=torch.int64)
 
 
 def _nn_topk_setup_context(ctx, inputs, output):
@@ -142,23 +134,6 @@ torch.library.register_autograd("nnclr_fast::nn_topk", _nn_topk_backward, setup_
 # Argument checks: every message names the argument. None of them reads device memory.
 
 
-def int_in_range(name: str, value, high: Optional[int] = None, what_high: str = "", expected: str = "an int") -> int:
-    """``value`` as an int in [1, high] (``high=None``: any positive int); bools and
-    non-integers are rejected by name."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be {expected}, got a bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}") from None
-    if high is None:
-        if value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value}")
-    elif not 1 <= value <= high:
-        raise ValueError(f"{name} must be in [1, {high}] ({what_high}), got {value}")
-    return value
-
-
 def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Optional[Tensor], int]:
     """Validates and returns (queue restricted to an int `valid`, tensor `valid` or None, rows searchable)."""
     for name, t in (("z", z), ("queue", queue)):
@@ -170,7 +145,7 @@ def _check_inputs(z, queue, valid, precision, check_finite) -> tuple[Tensor, Opt
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
         if t.dtype == torch.float64 and t.device.type != "cpu":
             raise TypeError(f"{name} is float64, which only the CPU path supports; use float32, bfloat16 or float16")
-        if t.dtype not in _KERNEL_DTYPES + (torch.float64,):
+        if t.dtype not in FLOAT_DTYPES + (torch.float64,):
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if z.device != queue.device:
         raise ValueError(f"z and queue must be on the same device, got z on {z.device} and queue on {queue.device}")

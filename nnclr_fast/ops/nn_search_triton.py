@@ -22,7 +22,6 @@ and a slot no searchable row can fill holds index -1 and score -inf.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -32,12 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # Host-side TMA descriptors (Triton >= 3.4); without them every queue takes pointer loads.
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    TensorDescriptor = None
+from nnclr_fast.ops.common import NORMALIZE_EPS
+from nnclr_fast.ops.nn_search_plan import INTERPRETER, DeviceSpec, SearchProblem, TensorDescriptor, plan_search
 
-NORMALIZE_EPS = 1e-12  # F.normalize's
 # Index of "no candidate": above every real index, so it loses every tie, and reported as -1.
 SENTINEL = tl.constexpr(2**31 - 1)
 
@@ -311,82 +307,8 @@ def _nn_search_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# Configs. Chosen by rule, not autotuned: the one-wave grid and the stage-1 buffers depend on the
-# config, and autotuning would time kernels on the first call (no CUDA-graph capture).
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchConfig:
-    name: str
-    kind: str  # "mma16" (bf16/fp16 queue), "tf32" (float32 queue), "ieee"
-    d_resident: bool
-    block_b: int
-    block_k: int
-    block_d: int  # D-chunk when not resident; resident configs use next_power_of_2(D)
-    num_warps: int
-    num_stages: int
-    ctas_per_sm: int  # occupancy the grid is sized for; tests/ops/test_nn_search_triton.py checks it
-
-    def block_d_for(self, dim: int) -> int:
-        return max(16, triton.next_power_of_2(dim)) if self.d_resident else self.block_d
-
-
-MAX_RESIDENT_D = 256
-
-CONFIGS = (
-    SearchConfig("mma16_b128", "mma16", True, 128, 64, 0, 8, 3, 1),
-    SearchConfig("mma16_b64", "mma16", True, 64, 128, 0, 4, 3, 1),
-    SearchConfig("mma16_chunked", "mma16", False, 128, 128, 64, 8, 3, 1),
-    SearchConfig("tf32_b128", "tf32", True, 128, 32, 0, 8, 3, 1),
-    SearchConfig("tf32_b64", "tf32", True, 64, 32, 0, 4, 3, 1),
-    SearchConfig("tf32_chunked", "tf32", False, 128, 64, 32, 8, 3, 1),
-    SearchConfig("ieee_b64", "ieee", False, 64, 64, 32, 4, 3, 2),
-)
-_BY_NAME = {c.name: c for c in CONFIGS}
-_INTERPRETER_CONFIG = SearchConfig("interpreter", "any", True, 16, 32, 32, 4, 1, 1)
-# SMs the interpreter pretends to have: enough splits that the CPU tests exercise the fused merge.
-_INTERPRETER_SMS = 6
-
-
-def config_kind(queue_dtype: torch.dtype, ieee: bool) -> str:
-    if ieee:
-        return "ieee"
-    return "tf32" if queue_dtype == torch.float32 else "mma16"
-
-
-def pick_config(batch: int, dim: int, queue_dtype: torch.dtype, ieee: bool) -> SearchConfig:
-    """The config the launcher uses for this problem on a GPU."""
-    kind = config_kind(queue_dtype, ieee)
-    if kind == "ieee":
-        return _BY_NAME["ieee_b64"]
-    if dim > MAX_RESIDENT_D:
-        return _BY_NAME[f"{kind}_chunked"]
-    return _BY_NAME[f"{kind}_b128" if batch > 64 else f"{kind}_b64"]
-
-
-def tma_ok(queue: torch.Tensor) -> bool:
-    """Whether the queue can be fed by TMA: descriptors available, rows contiguous, 16-byte aligned."""
-    if TensorDescriptor is None or queue.stride(1) != 1:
-        return False
-    if not interpreting() and (queue.device.type != "cuda" or torch.cuda.get_device_capability(queue.device)[0] < 9):
-        return False
-    item = queue.element_size()
-    return queue.data_ptr() % 16 == 0 and (queue.stride(0) * item) % 16 == 0
-
-
-def num_splits_for(batch: int, num_rows: int, cfg: SearchConfig, sms: int) -> int:
-    """Queue splits so that (query blocks x splits) is one wave of `cfg` over `sms` SMs, each
-    split keeping >= 4 tiles so the pipeline prologue and the merge stay small."""
-    query_blocks = triton.cdiv(batch, cfg.block_b)
-    wave = sms * cfg.ctas_per_sm
-    return max(1, min(wave // query_blocks, triton.cdiv(num_rows, 4 * cfg.block_k)))
-
-
-# --------------------------------------------------------------------------------------------
-# Launchers. Inputs are already validated by nnclr_fast.ops.nn_search.
-
-# Largest k the register-resident running top-k handles; larger k takes the chunked path.
-MAX_KERNEL_TOPK = 16
+# Launchers. Inputs are already validated by nnclr_fast.ops.nn_search; the plan (config, grid,
+# constexprs) comes from nnclr_fast.ops.nn_search_plan.
 
 
 def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
@@ -394,20 +316,14 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
         problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
         if problem:
             raise RuntimeError(problem)
-        cfg, sms = _INTERPRETER_CONFIG, _INTERPRETER_SMS
-        if queue.shape[1] > MAX_RESIDENT_D:
-            cfg = dataclasses.replace(cfg, d_resident=False)
+        device = INTERPRETER
     else:
-        cfg = pick_config(z.shape[0], z.shape[1], queue.dtype, ieee)
-        sms = torch.cuda.get_device_properties(z.device).multi_processor_count
+        device = DeviceSpec.of(z.device)
+    plan = plan_search(SearchProblem.of(z, queue, k, lookup, ieee, normalize_queue, valid is not None), device)
     batch, dim = z.shape
-    num_rows = queue.shape[0]
-    block_d = cfg.block_d_for(dim)
-    splits = num_splits_for(batch, num_rows, cfg, sms)
-    query_blocks = triton.cdiv(batch, cfg.block_b)
-    topk_pad = triton.next_power_of_2(k)
-    use_tma = tma_ok(queue)
-    q_desc = TensorDescriptor.from_tensor(queue, [cfg.block_k, block_d]) if use_tma else queue
+    q_desc = TensorDescriptor.from_tensor(queue, list(plan.block_shape)) if plan.use_tma else queue
+    query_blocks, splits = plan.grid
+    topk_pad = dict(plan.constexprs)["TOPK_PAD"]
 
     dev = z.device
     part_val = torch.empty((batch, splits * topk_pad), dtype=torch.float32, device=dev)
@@ -421,7 +337,7 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
         out = z  # never written
         out_idx = torch.empty((batch, k), dtype=torch.int64, device=dev)
         out_val = torch.empty((batch, k), dtype=torch.float32, device=dev)
-    _nn_search_kernel[(query_blocks, splits)](
+    _nn_search_kernel[plan.grid](
         z,
         queue,
         q_desc,
@@ -433,7 +349,7 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
         out_idx,
         out_val,
         batch,
-        num_rows,
+        queue.shape[0],
         dim,
         z.stride(0),
         z.stride(1),
@@ -442,22 +358,9 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
         out.stride(0),
         out.stride(1),
         NORMALIZE_EPS,
-        HAS_VALID=valid is not None,
-        NORMALIZE_QUEUE=bool(normalize_queue),
-        TOPK=k,
-        TOPK_PAD=topk_pad,
-        LOOKUP=lookup,
-        IEEE=bool(ieee),
-        UPCAST_DOT=interpreting(),
-        USE_TMA=use_tma,
-        D_RESIDENT=cfg.d_resident,
-        BLOCK_B=cfg.block_b,
-        BLOCK_K=cfg.block_k,
-        BLOCK_D=block_d,
-        NORM_D=min(block_d, 32),
-        MERGE_COLS=max(16, min(32, triton.next_power_of_2(splits * topk_pad))),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        **dict(plan.constexprs),
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     return out, out_idx, out_val
 

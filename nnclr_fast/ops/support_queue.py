@@ -10,9 +10,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from nnclr_fast.ops import enqueue as enqueue_op
-from nnclr_fast.ops.nn_search import int_in_range, nn_lookup, nn_topk
-
-BANK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from nnclr_fast.ops.common import FLOAT_DTYPES, int_in_range
+from nnclr_fast.ops.nn_search import nn_lookup, nn_topk
 
 
 class SupportQueue(nn.Module):
@@ -49,7 +48,7 @@ class SupportQueue(nn.Module):
         super().__init__()
         size = int_in_range("size", size)
         dim = int_in_range("dim", dim)
-        if dtype not in BANK_DTYPES:
+        if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         # Built now, not inside the first enqueue: the first call may be under torch.compile
         # tracing or CUDA graph capture, where compiling a C++ extension cannot happen.

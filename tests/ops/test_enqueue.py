@@ -9,6 +9,7 @@ import torch
 
 import nnclr_fast  # noqa: F401  (registers the Python-defined ops of the nnclr_fast namespace)
 from nnclr_fast.ops import enqueue as enqueue_op
+from nnclr_fast.ops import extension
 from nnclr_fast.ops.reference import reference_enqueue
 
 BANK_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -249,14 +250,14 @@ def test_missing_ninja_is_reported(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
 
     monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
-    with pytest.raises(enqueue_op.ToolchainMissing, match="needs ninja.*pip install ninja"):
-        enqueue_op._build_and_load("nnclr_fast_enqueue_no_ninja", with_cuda=False, build_dir=tmp_path)
+    with pytest.raises(extension.ToolchainMissing, match="needs ninja.*pip install ninja"):
+        extension.build_and_load("nnclr_fast_enqueue_no_ninja", with_cuda=False, build_dir=tmp_path)
 
 
 def test_missing_compiler_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
-    with pytest.raises(enqueue_op.ToolchainMissing, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+"):
-        enqueue_op._build_and_load("nnclr_fast_enqueue_no_cxx", with_cuda=False, build_dir=tmp_path)
+    with pytest.raises(extension.ToolchainMissing, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+"):
+        extension.build_and_load("nnclr_fast_enqueue_no_cxx", with_cuda=False, build_dir=tmp_path)
 
 
 NO_COMPILER_SCRIPT = """
@@ -296,7 +297,7 @@ def test_without_a_compiler_the_pytorch_fallback_takes_over(tmp_path):
     import subprocess
     import sys
 
-    if importlib.util.find_spec(enqueue_op.AOT_MODULE) is not None:
+    if importlib.util.find_spec(extension.AOT_MODULE) is not None:
         pytest.skip("an ahead-of-time build of the extension is installed, so no compiler is needed")
     env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), NNCLR_FAST_BUILD_DIR=str(tmp_path / "build"))
     result = subprocess.run([sys.executable, "-c", NO_COMPILER_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
@@ -306,9 +307,9 @@ def test_without_a_compiler_the_pytorch_fallback_takes_over(tmp_path):
 @pytest.mark.slow
 def test_cuda_source_compiles_with_nvcc(tmp_path):
     """Compiles csrc/cuda/enqueue.cu with nvcc, links and loads it in a subprocess (no GPU needed)."""
-    if shutil.which("nvcc") is None and enqueue_op.find_cuda_toolkit() is None:
+    if shutil.which("nvcc") is None and extension.find_cuda_toolkit() is None:
         pytest.skip("nvcc not found (no CUDA toolkit on PATH, in CUDA_HOME or /usr/local/cuda)")
-    enqueue_op.compile_cuda_check(tmp_path / "cuda_build")
+    extension.compile_cuda_check(tmp_path / "cuda_build")
     assert (tmp_path / "cuda_build" / "enqueue.cuda.o").is_file()
 
 

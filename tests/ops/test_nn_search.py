@@ -2,7 +2,7 @@
 
 On a machine without CUDA the CPU tensors here run the Triton kernel itself in the interpreter
 (tests/conftest.py sets TRITON_INTERPRET=1), so these tests prove the kernel; the chunked CPU
-path has its own module (test_nn_search_cpu.py). `TestGPU` runs the compiled kernel on CUDA.
+path has its own module (test_nn_search_torch.py). `TestGPU` runs the compiled kernel on CUDA.
 
 Exactness: random float data is compared by what is robust to summation order (the interpreter's
 dot is NumPy's BLAS, whose order depends on the position in the tile; a GPU's differs again):

@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     def job(args):
         name, z, q, ieee, dim, extra = args
         mod = kr.load_kernel_module(kr.DEFAULT_KERNEL)
-        cfg = {c.name: c for c in mod.CONFIGS}[name]
+        cfg = {c.name: c for c in kr.plans.CONFIGS}[name]
         spec = kr.current_spec(mod, cfg, z, q, ieee, dim, **extra)
         facts = kr.compile_sm90(spec["fn"], spec["sig"], spec["const"], spec["aligned"], spec["num_warps"], spec["num_stages"])
         return dict(facts, config=name, case=[z, q, ieee, dim, extra], block_b=cfg.block_b, kind=cfg.kind,
@@ -39,10 +39,10 @@ SCRIPT = textwrap.dedent(
     mod = kr.load_kernel_module(kr.DEFAULT_KERNEL)
     dtypes = {"mma16": ("bfloat16", "bfloat16", False), "tf32": ("float32", "float32", False), "ieee": ("float32", "float32", True)}
     jobs = []
-    for cfg in mod.CONFIGS:
+    for cfg in kr.plans.CONFIGS:
         z, q, ieee = dtypes[cfg.kind]
         # The widest resident D (the most registers and shared memory); chunked configs see D=512.
-        jobs.append((cfg.name, z, q, ieee, mod.MAX_RESIDENT_D if cfg.d_resident else 512, {}))
+        jobs.append((cfg.name, z, q, ieee, kr.plans.MAX_RESIDENT_D if cfg.d_resident else 512, {}))
     # The other code paths, each on the config that would run it.
     jobs += [
         ("mma16_b128", "float32", "bfloat16", False, 256, {}),
@@ -68,7 +68,7 @@ def compiled():
 
 
 def test_every_config_compiles_without_spills(compiled):
-    from nnclr_fast.ops.nn_search_triton import CONFIGS
+    from nnclr_fast.ops.nn_search_plan import CONFIGS
 
     assert {r["config"] for r in compiled} == {c.name for c in CONFIGS}
     for r in compiled:

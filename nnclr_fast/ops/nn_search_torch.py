@@ -1,4 +1,7 @@
-"""The CPU path of nn_lookup / nn_topk: the queue scored in chunks with plain PyTorch.
+"""The PyTorch path of nn_lookup / nn_topk: the queue scored in chunks with plain PyTorch ops.
+
+It serves CPU tensors, float64 inputs, ``nn_topk`` with k above the kernel's limit, and every
+device on which the fused Triton kernel cannot run.
 
 Memory stays bounded whatever K is: at most ``chunk_rows`` queue rows are scored at a time, into
 one (B, chunk_rows) buffer reused by every chunk, so B x K is never materialised. Same semantics
@@ -25,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnclr_fast.ops.common import NORMALIZE_EPS, compute_dtype
+
 # Queue rows scored per chunk by default: as many as make a 4 MiB score block (2048 rows at
 # B=512 float32, 4096 at B=256), read back from the last-level cache, and at least 1024. Every
 # chunk costs at least two parallel regions (GEMM, amax), and with other processes on the cores
@@ -35,22 +40,16 @@ import torch.nn.functional as F
 SCORE_BLOCK_BYTES = 4 << 20
 MIN_CHUNK_ROWS = 1024
 DEFAULT_CHUNK_ROWS = None  # None: sized from SCORE_BLOCK_BYTES
-NORMALIZE_EPS = 1e-12  # F.normalize's
 
-# Lookup: a chunk's scores are reduced per block of this many columns first (see cpu_nn_lookup).
+# Lookup: a chunk's scores are reduced per block of this many columns first (see torch_nn_lookup).
 # 64 keeps the in-block search of even B=512 queries under ATen's parallel grain (no barrier).
 LOOKUP_BLOCK = 64
 
 _NEG_INF = float("-inf")
 
 
-def _compute_dtype(z: torch.Tensor, queue: torch.Tensor) -> torch.dtype:
-    # float32 accumulation; float64 inputs (used by gradcheck) stay float64.
-    return torch.float64 if torch.float64 in (z.dtype, queue.dtype) else torch.float32
-
-
 def _query_operand(z: torch.Tensor, queue: torch.Tensor, ieee: bool) -> torch.Tensor:
-    zn = F.normalize(z.to(_compute_dtype(z, queue)), dim=1)
+    zn = F.normalize(z.to(compute_dtype(z, queue)), dim=1)
     if not ieee and queue.dtype in (torch.bfloat16, torch.float16):
         # As the tensor cores see it: the normalised query rounded to the queue's dtype.
         zn = zn.to(queue.dtype).to(zn.dtype)
@@ -171,7 +170,7 @@ def _chunk_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     return vals, cols
 
 
-def cpu_nn_topk(
+def torch_nn_topk(
     z: torch.Tensor,
     queue: torch.Tensor,
     k: int,
@@ -225,7 +224,7 @@ def cpu_nn_topk(
     return best_vals, best_idx
 
 
-def cpu_nn_lookup(
+def torch_nn_lookup(
     z: torch.Tensor,
     queue: torch.Tensor,
     valid: int | torch.Tensor | None = None,

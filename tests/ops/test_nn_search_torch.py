@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nnclr_fast.ops.nn_search_cpu as nn_search_cpu
+import nnclr_fast.ops.nn_search_torch as nn_search_torch
 import nnclr_fast.ops.nn_search_triton as nn_search_triton
 from nnclr_fast import nn_lookup, nn_topk
-from nnclr_fast.ops.nn_search_cpu import cpu_nn_lookup, cpu_nn_topk
+from nnclr_fast.ops.nn_search_torch import torch_nn_lookup, torch_nn_topk
 from nnclr_fast.ops.reference import reference_nn_lookup, reference_nn_topk
 
 NAN = float("nan")
@@ -61,7 +61,7 @@ def assert_lookup_close(z, queue, idx, normalize_queue=False, atol=1e-5):
 def test_topk_matches_reference_exactly(chunk_rows, k):
     # Small-integer entries make ties everywhere, spread over many chunks (7 and 64 do not divide 90).
     z, queue = integer_inputs(6, 90, 12)
-    vals, idx = cpu_nn_topk(z, queue, k, chunk_rows=chunk_rows)
+    vals, idx = torch_nn_topk(z, queue, k, chunk_rows=chunk_rows)
     ref_vals, ref_idx = reference_nn_topk(z, queue, k)
     assert torch.equal(idx, ref_idx)
     assert torch.equal(vals, ref_vals)
@@ -74,7 +74,7 @@ def test_lookup_matches_reference_exactly(chunk_rows, q_dtype):
     queue = queue.to(q_dtype)
     for ieee in (True, False):
         precision = "ieee" if ieee else "default"
-        out, idx = cpu_nn_lookup(z, queue, ieee=ieee, chunk_rows=chunk_rows)
+        out, idx = torch_nn_lookup(z, queue, ieee=ieee, chunk_rows=chunk_rows)
         ref_out, ref_idx = reference_nn_lookup(z, queue, precision=precision)
         assert torch.equal(idx, ref_idx)
         assert torch.equal(out, ref_out)
@@ -85,23 +85,23 @@ def test_lookup_matches_reference_exactly(chunk_rows, q_dtype):
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_lookup_random_floats(chunk_rows, q_dtype):
     z, queue = inputs(13, 150, 20, q_dtype)
-    out, idx = cpu_nn_lookup(z, queue, chunk_rows=chunk_rows)
+    out, idx = torch_nn_lookup(z, queue, chunk_rows=chunk_rows)
     assert_lookup_close(z, queue, idx)
     assert torch.equal(out, queue[idx].to(z.dtype))
-    _, top = cpu_nn_topk(z, queue, 5, chunk_rows=chunk_rows)
+    _, top = torch_nn_topk(z, queue, 5, chunk_rows=chunk_rows)
     assert torch.equal(top[:, 0], idx)
 
 
 def test_ieee_false_rounds_query_to_a_16bit_queue():
     z, queue = inputs(32, 400, 24, torch.bfloat16)
     for ieee, precision in ((True, "ieee"), (False, "default")):
-        _, idx = cpu_nn_lookup(z, queue, ieee=ieee, chunk_rows=64)
+        _, idx = torch_nn_lookup(z, queue, ieee=ieee, chunk_rows=64)
         zq = F.normalize(z, dim=1)
         if not ieee:
             zq = zq.bfloat16().float()
         assert_lookup_close(zq, queue, idx)
         ref_vals, _ = reference_nn_topk(z, queue, 1, precision=precision)
-        vals, _ = cpu_nn_topk(z, queue, 1, ieee=ieee, chunk_rows=64)
+        vals, _ = torch_nn_topk(z, queue, 1, ieee=ieee, chunk_rows=64)
         torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=0)
 
 
@@ -114,11 +114,11 @@ def test_normalize_queue_exact(chunk_rows):
     # Integer rows of different lengths: their raw inner products would rank by length too.
     z, queue = integer_inputs(9, 60, 6, seed=3)
     queue[5] = 0  # an all-zero row scores 0 (F.normalize's eps), as the oracle's
-    out, idx = cpu_nn_lookup(z, queue, normalize_queue=True, chunk_rows=chunk_rows)
+    out, idx = torch_nn_lookup(z, queue, normalize_queue=True, chunk_rows=chunk_rows)
     ref_out, ref_idx = reference_nn_lookup(z, queue, normalize_queue=True)
     assert torch.equal(idx, ref_idx)
     assert torch.equal(out, ref_out)  # the raw, stored row
-    vals, idx = cpu_nn_topk(z, queue, 7, normalize_queue=True, chunk_rows=chunk_rows)
+    vals, idx = torch_nn_topk(z, queue, 7, normalize_queue=True, chunk_rows=chunk_rows)
     ref_vals, ref_idx = reference_nn_topk(z, queue, 7, normalize_queue=True)
     # Scores are row / ||row|| in float32: equal to the oracle's up to the dot product's rounding.
     torch.testing.assert_close(vals, ref_vals, atol=1e-6, rtol=0)
@@ -129,12 +129,12 @@ def test_normalize_queue_exact(chunk_rows):
 def test_normalize_queue_random_raw_rows(q_dtype):
     z = torch.randn(16, 32)
     queue = (torch.randn(500, 32) * torch.rand(500, 1) * 10).to(q_dtype)
-    out, idx = cpu_nn_lookup(z, queue, normalize_queue=True, chunk_rows=37)
+    out, idx = torch_nn_lookup(z, queue, normalize_queue=True, chunk_rows=37)
     assert_lookup_close(z, queue, idx, normalize_queue=True)
     assert torch.equal(out, queue[idx].to(z.dtype))
     # The raw inner product would pick other rows: the test is not vacuous.
     assert not torch.equal(idx, (F.normalize(z, dim=1) @ queue.float().T).argmax(dim=1))
-    vals, top = cpu_nn_topk(z, queue, 5, normalize_queue=True, chunk_rows=37)
+    vals, top = torch_nn_topk(z, queue, 5, normalize_queue=True, chunk_rows=37)
     ref_vals, _ = reference_nn_topk(z, queue, 5, normalize_queue=True)
     torch.testing.assert_close(vals, ref_vals, atol=1e-5, rtol=0)
     assert torch.equal(top[:, 0], idx)
@@ -149,10 +149,10 @@ def test_tensor_valid_matches_reference(chunk_rows):
     z, queue = integer_inputs(5, 100, 8, seed=1)
     for valid in (1, 33, 100, 250):
         for v in (valid, torch.tensor(valid)):
-            out, idx = cpu_nn_lookup(z, queue, valid=v, chunk_rows=chunk_rows)
+            out, idx = torch_nn_lookup(z, queue, valid=v, chunk_rows=chunk_rows)
             ref_out, ref_idx = reference_nn_lookup(z, queue, valid=valid)
             assert torch.equal(idx, ref_idx) and torch.equal(out, ref_out)
-            vals, top = cpu_nn_topk(z, queue, 3, valid=v, chunk_rows=chunk_rows)
+            vals, top = torch_nn_topk(z, queue, 3, valid=v, chunk_rows=chunk_rows)
             ref_vals, ref_top = reference_nn_topk(z, queue, 3, valid=valid)
             assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
             assert (top < min(valid, 100)).all()
@@ -162,10 +162,10 @@ def test_tensor_valid_matches_reference(chunk_rows):
 def test_tensor_valid_zero_or_negative(chunk_rows):
     z, queue = inputs(4, 20, 8)
     for valid in (torch.tensor(0), torch.tensor(-3), torch.tensor(0, dtype=torch.int32)):
-        out, idx = cpu_nn_lookup(z, queue, valid=valid, chunk_rows=chunk_rows)
+        out, idx = torch_nn_lookup(z, queue, valid=valid, chunk_rows=chunk_rows)
         assert torch.equal(idx, torch.full((4,), -1))
         assert torch.equal(out, F.normalize(z, dim=1))
-        vals, top = cpu_nn_topk(z, queue, 5, valid=valid, chunk_rows=chunk_rows)
+        vals, top = torch_nn_topk(z, queue, 5, valid=valid, chunk_rows=chunk_rows)
         assert torch.equal(top, torch.full((4, 5), -1))
         assert torch.equal(vals, torch.full((4, 5), -INF))
 
@@ -173,7 +173,7 @@ def test_tensor_valid_zero_or_negative(chunk_rows):
 @pytest.mark.parametrize("chunk_rows", [1, 2, 64])
 def test_tensor_valid_below_k(chunk_rows):
     z, queue = integer_inputs(6, 40, 5, seed=2)
-    vals, idx = cpu_nn_topk(z, queue, 5, valid=torch.tensor(3), chunk_rows=chunk_rows)
+    vals, idx = torch_nn_topk(z, queue, 5, valid=torch.tensor(3), chunk_rows=chunk_rows)
     ref_vals, ref_idx = reference_nn_topk(z, queue, 5, valid=3)
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
     assert torch.equal(idx[:, 3:], torch.full((6, 2), -1))
@@ -184,15 +184,15 @@ def test_tensor_valid_below_k(chunk_rows):
 def test_int_valid_zero_on_the_cpu_path():
     # The wrapper rejects an int valid < 1; called directly the path means "nothing searchable".
     z, queue = inputs(3, 10, 4)
-    out, idx = cpu_nn_lookup(z, queue, valid=0)
+    out, idx = torch_nn_lookup(z, queue, valid=0)
     assert torch.equal(idx, torch.full((3,), -1)) and torch.equal(out, F.normalize(z, dim=1))
-    vals, top = cpu_nn_topk(z, queue, 2, valid=0)
+    vals, top = torch_nn_topk(z, queue, 2, valid=0)
     assert torch.equal(top, torch.full((3, 2), -1)) and torch.equal(vals, torch.full((3, 2), -INF))
 
 
 def test_k_above_searchable_rows():
     z, queue = integer_inputs(3, 4, 6)
-    vals, idx = cpu_nn_topk(z, queue, 7, chunk_rows=3)
+    vals, idx = torch_nn_topk(z, queue, 7, chunk_rows=3)
     ref_vals, ref_idx = reference_nn_topk(z, queue, 7)
     assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
     assert torch.equal(idx[:, 4:], torch.full((3, 3), -1))
@@ -208,14 +208,14 @@ def test_nan_rows_rank_lowest(chunk_rows):
     queue[[0, 3, 11, 12, 29]] = NAN
     queue[20, 2] = NAN  # a partly-NaN row: NaN against every query
     z[1] = NAN  # a NaN query: every score NaN, it gets the first row
-    out, idx = cpu_nn_lookup(z, queue, chunk_rows=chunk_rows)
+    out, idx = torch_nn_lookup(z, queue, chunk_rows=chunk_rows)
     ref_out, ref_idx = reference_nn_lookup(z, queue)
     assert torch.equal(idx, ref_idx)
     assert idx[1] == 0
     assert torch.equal(out.isnan(), ref_out.isnan())
     assert torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
     for k in (5, 30):
-        vals, top = cpu_nn_topk(z, queue, k, chunk_rows=chunk_rows)
+        vals, top = torch_nn_topk(z, queue, k, chunk_rows=chunk_rows)
         ref_vals, ref_top = reference_nn_topk(z, queue, k)
         assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
         # NaN rows are real candidates (so all 30 slots fill at k=30), but never twice.
@@ -227,9 +227,9 @@ def test_nan_rows_rank_lowest(chunk_rows):
 def test_nan_only_queue():
     z, queue = inputs(4, 9, 5)
     queue[:] = NAN
-    out, idx = cpu_nn_lookup(z, queue, chunk_rows=2)
+    out, idx = torch_nn_lookup(z, queue, chunk_rows=2)
     assert torch.equal(idx, torch.zeros(4, dtype=torch.int64))
-    vals, top = cpu_nn_topk(z, queue, 4, chunk_rows=2)
+    vals, top = torch_nn_topk(z, queue, 4, chunk_rows=2)
     assert torch.equal(top, torch.arange(4).expand(4, 4))
     assert torch.equal(vals, torch.full((4, 4), -INF))
 
@@ -239,10 +239,10 @@ def test_nan_with_tensor_valid():
     queue[1] = NAN
     queue[7] = NAN  # masked: never returned
     for valid in (2, 5):
-        vals, top = cpu_nn_topk(z, queue, 4, valid=torch.tensor(valid), chunk_rows=3)
+        vals, top = torch_nn_topk(z, queue, 4, valid=torch.tensor(valid), chunk_rows=3)
         ref_vals, ref_top = reference_nn_topk(z, queue, 4, valid=valid)
         assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
-        _, idx = cpu_nn_lookup(z, queue, valid=torch.tensor(valid), chunk_rows=3)
+        _, idx = torch_nn_lookup(z, queue, valid=torch.tensor(valid), chunk_rows=3)
         assert torch.equal(idx, reference_nn_lookup(z, queue, valid=valid)[1])
 
 
@@ -250,10 +250,10 @@ def test_infinities():
     z, queue = integer_inputs(5, 20, 4, seed=6)
     queue[4, 0] = INF
     queue[9, 1] = -INF
-    vals, top = cpu_nn_topk(z, queue, 6, chunk_rows=3)
+    vals, top = torch_nn_topk(z, queue, 6, chunk_rows=3)
     ref_vals, ref_top = reference_nn_topk(z, queue, 6)
     assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
-    _, idx = cpu_nn_lookup(z, queue, chunk_rows=3)
+    _, idx = torch_nn_lookup(z, queue, chunk_rows=3)
     assert torch.equal(idx, reference_nn_lookup(z, queue)[1])
 
 
@@ -265,15 +265,15 @@ def test_infinities():
 def test_float64(chunk_rows):
     z, queue = inputs(6, 50, 10)
     z, queue = z.double(), queue.double()
-    out, idx = cpu_nn_lookup(z, queue, chunk_rows=chunk_rows)
+    out, idx = torch_nn_lookup(z, queue, chunk_rows=chunk_rows)
     ref_out, ref_idx = reference_nn_lookup(z, queue)
     assert out.dtype == torch.float64 and torch.equal(idx, ref_idx) and torch.equal(out, ref_out)
-    vals, top = cpu_nn_topk(z, queue, 5, chunk_rows=chunk_rows)
+    vals, top = torch_nn_topk(z, queue, 5, chunk_rows=chunk_rows)
     ref_vals, ref_top = reference_nn_topk(z, queue, 5)
     assert vals.dtype == torch.float64 and torch.equal(top, ref_top)
     torch.testing.assert_close(vals, ref_vals, atol=1e-12, rtol=0)
     # A float32 queue against float64 queries is scored in float64 too.
-    _, idx32 = cpu_nn_lookup(z, queue.float(), chunk_rows=chunk_rows)
+    _, idx32 = torch_nn_lookup(z, queue.float(), chunk_rows=chunk_rows)
     assert torch.equal(idx32, reference_nn_lookup(z, queue.float())[1])
 
 
@@ -288,17 +288,17 @@ def test_gradcheck_float64_through_the_wrapper():
 def test_rejects_bad_chunk():
     z, queue = inputs(2, 5, 4)
     with pytest.raises(ValueError, match="chunk_rows"):
-        cpu_nn_lookup(z, queue, chunk_rows=0)
+        torch_nn_lookup(z, queue, chunk_rows=0)
     with pytest.raises(ValueError, match="chunk_rows"):
-        cpu_nn_topk(z, queue, 1, chunk_rows=0)
+        torch_nn_topk(z, queue, 1, chunk_rows=0)
 
 
 def test_large_queue_many_chunks():
     # More rows than the default chunk: the buffer is reused, a short last chunk included.
     z, queue = inputs(37, 5000, 16)
-    out, idx = cpu_nn_lookup(z, queue, chunk_rows=1024)
+    out, idx = torch_nn_lookup(z, queue, chunk_rows=1024)
     assert_lookup_close(z, queue, idx)
-    _, top = cpu_nn_topk(z, queue, 5, chunk_rows=1024)
+    _, top = torch_nn_topk(z, queue, 5, chunk_rows=1024)
     assert torch.equal(top[:, 0], idx)
     exact = exact_scores(z, queue)
     chosen = exact.gather(1, top)
@@ -336,10 +336,10 @@ def test_cpu_dispatch_without_interpreter(monkeypatch):
 def test_topk_without_host_reads_matches_reference(monkeypatch, chunk_rows):
     # On a GPU (nn_topk with k > 16) the path reads nothing on the host: every query takes every
     # chunk. The same branch, driven here on CPU tensors, must give the oracle's answer.
-    monkeypatch.setattr(nn_search_cpu, "_host_reads_free", lambda device: False)
+    monkeypatch.setattr(nn_search_torch, "_host_reads_free", lambda device: False)
     z, queue = integer_inputs(6, 90, 12)
     queue[[3, 40]] = NAN
     for k, valid in ((4, None), (30, None), (20, torch.tensor(10)), (5, torch.tensor(0))):
-        vals, idx = cpu_nn_topk(z, queue, k, valid=valid, chunk_rows=chunk_rows)
+        vals, idx = torch_nn_topk(z, queue, k, valid=valid, chunk_rows=chunk_rows)
         ref_vals, ref_idx = reference_nn_topk(z, queue, k, valid=valid)
         assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
