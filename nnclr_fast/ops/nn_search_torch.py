@@ -1,34 +1,53 @@
 """The PyTorch path of nn_lookup / nn_topk: the queue scored in chunks with plain PyTorch ops.
 
 It serves CPU tensors, float64 inputs, ``nn_topk`` with k above the kernel's limit, and every
-device on which the fused Triton kernel cannot run.
+device on which the fused Triton kernel cannot run. Its semantics are the contract written out
+in ``nnclr_fast.ops.reference``; how it meets it:
 
-Memory stays bounded whatever K is: at most ``chunk_rows`` queue rows are scored at a time, into
-one (B, chunk_rows) buffer reused by every chunk, so B x K is never materialised. Same semantics
-as the Triton kernel and the oracle in ``nnclr_fast.ops.reference`` (see its docstring): NaN ranks
-lowest but is a real candidate, ties to the lowest index, rows at or past ``valid`` are never
-returned, unfillable top-k slots hold (-inf, -1).
+Scores. The query is normalised as ``common.normalize_rows`` does (no overflow, no eps) in
+float64, rounded to float32 (kept in float64 for float64 inputs) and, at precision "default"
+with a 16-bit queue, rounded to
+the queue's dtype (round to nearest even), as the tensor cores see it. A chunk of queue rows is
+then scored by the device's GEMM: on a CPU with native bfloat16 (AVX-512-BF16 or AMX, which
+oneDNN uses) a bfloat16 queue at "default" is scored by a bfloat16 GEMM (16-bit products,
+float32 accumulation, results rounded to bfloat16); every other case upcasts the chunk's rows
+and runs a float32 (float64) GEMM. With ``normalize_queue`` the rows are first scaled by a power
+of two (exact) so that their norms neither overflow nor underflow, and each score is divided by
+its row's norm.
 
-``valid`` may be a 0-dim tensor: rows at or past it are masked instead of skipped, so reading
-it never syncs the host.
+The choice. A GEMM's rounding depends on where a column sits in it (MKL computes the columns at
+a tile's edge in another order), so identical rows can get different scores. The computed scores
+therefore only shortlist: on a CPU every row whose computed score lies within the GEMM's rounding
+bound of the k-th best is re-scored in float64 from the same operands (their products are exact
+in float64, and every pair is summed in the same fixed order), and the k best re-scored rows
+win, ties to the lowest index. So the answer is the exact top-k of the operands (up to float64
+rounding), identical rows tie exactly, and the returned scores are those float64 scores rounded
+to float32. The bound, per query and chunk: ``slack * ||q|| * R`` with ``R`` the chunk's largest
+row norm (1 under ``normalize_queue``), ``slack`` = gamma(2D + 16) = (2D + 16) u / (1 - (2D + 16) u)
+(a dot product of length D is off by at most gamma(D) * sum |q_i r_i|; the rest covers the norms
+and the division) plus the bfloat16 rounding of the result where the GEMM writes bfloat16.
+Rows of norm above float32's range (entries near 1e38 with ``normalize_queue=False``) get no
+bound; their computed scores decide.
 
-Where the time goes (B=512, D=256, K=98,304, float32, two cores): the GEMM is nearly all of it,
-written into one reused buffer (``matmul(out=)``: no per-chunk allocation or page faults). One
-vectorised pass follows it, the maxima of blocks of ``LOOKUP_BLOCK`` columns per query; the
-column of a maximum (a scalar reduction in PyTorch, several times slower than ``amax``) is then
-searched only for the queries whose best score this chunk improves (about ln(chunks) times per
-query in all), and only inside the block that holds it. NaN costs nothing unless it is there:
-``amax`` propagates it, and only the scores of the queries it touches are cleaned. Top-k reuses
-the filter: a query takes part in a chunk's ``topk`` only if its chunk maximum beats its k-th
-best so far.
+Devices other than the CPU must not read device memory on the host (CUDA graph capture; see
+``_host_reads_free``): there every query re-scores the ``k + SYNC_FREE_EXTRA`` best computed
+columns of every chunk instead of the rows within the bound, so the answer is exact whenever no
+chunk holds more than that many rows within the bound of a query's k-th best.
+
+Where the time goes (B=512, D=256, K=98,304, two cores): nearly all of it is the GEMM, written
+into one reused buffer (``matmul(out=)``: no per-chunk allocation or page faults). One
+vectorised pass follows it, the maxima of blocks of ``BLOCK`` columns per query; a query needs a
+chunk only if that chunk's best could beat its k-th best so far (about ln(chunks) times per
+query in all), and its shortlist is then searched only inside the blocks whose maximum reaches
+the bound. NaN costs nothing unless it is there: ``amax`` propagates it, and only the scores of
+the queries it touches are cleaned.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from nnclr_fast.ops.common import NORMALIZE_EPS, compute_dtype
+from nnclr_fast.ops.common import compute_dtype, normalize_rows
 
 # Queue rows scored per chunk by default: as many as make a 4 MiB score block (2048 rows at
 # B=512 float32, 4096 at B=256), read back from the last-level cache, and at least 1024. Every
@@ -41,133 +60,272 @@ SCORE_BLOCK_BYTES = 4 << 20
 MIN_CHUNK_ROWS = 1024
 DEFAULT_CHUNK_ROWS = None  # None: sized from SCORE_BLOCK_BYTES
 
-# Lookup: a chunk's scores are reduced per block of this many columns first (see torch_nn_lookup).
-# 64 keeps the in-block search of even B=512 queries under ATen's parallel grain (no barrier).
-LOOKUP_BLOCK = 64
+# A chunk's scores are reduced per block of this many columns first; the shortlist is searched
+# inside the blocks whose maximum reaches the bound only.
+BLOCK = 64
+
+# Without host reads (see the module docstring): computed candidates re-scored per query, chunk
+# and wanted row.
+SYNC_FREE_EXTRA = 15
+
+# Pairs re-scored at a time: bounds the float64 copies of the operands (2 x 16 MiB).
+RESCORE_ELEMENTS = 1 << 21
 
 _NEG_INF = float("-inf")
-
-
-def _query_operand(z: torch.Tensor, queue: torch.Tensor, ieee: bool) -> torch.Tensor:
-    zn = F.normalize(z.to(compute_dtype(z, queue)), dim=1)
-    if not ieee and queue.dtype in (torch.bfloat16, torch.float16):
-        # As the tensor cores see it: the normalised query rounded to the queue's dtype.
-        zn = zn.to(queue.dtype).to(zn.dtype)
-    return zn
-
-
-def _searchable_stop(queue: torch.Tensor, valid) -> int:
-    """Rows to score: all of them for a tensor ``valid`` (masked instead), else [0, valid)."""
-    num_rows = queue.shape[0]
-    if valid is None or isinstance(valid, torch.Tensor):
-        return num_rows
-    return min(max(int(valid), 0), num_rows)
-
-
-def _chunk_scores(zn, queue, valid, normalize_queue: bool, chunk_rows: int | None):
-    """Yield (first row, scores of rows [first, first + n)) over the searchable rows.
-
-    The scores are a (B, n) view of one buffer that the next chunk overwrites. NaN is left in
-    place (the callers clean it only where a chunk has some); rows at or past a tensor ``valid``
-    score -inf.
-    """
-    batch, dim = zn.shape
-    if chunk_rows is None:
-        rows_for_block = SCORE_BLOCK_BYTES // (batch * zn.element_size())
-        chunk_rows = max(MIN_CHUNK_ROWS, rows_for_block // LOOKUP_BLOCK * LOOKUP_BLOCK)
-    if chunk_rows < 1:
-        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    stop = _searchable_stop(queue, valid)
-    if stop == 0:
-        return
-    chunk = min(chunk_rows, stop)
-    # One flat buffer: a short last chunk still gets a contiguous (B, n) view to write into.
-    scores = zn.new_empty(batch * chunk)
-    # Rows in the compute dtype (a 16-bit or float32 queue against float64 queries), and/or
-    # divided by their norms: one chunk at a time, never a copy of the bank.
-    convert = queue.dtype != zn.dtype or normalize_queue
-    rows_buf = zn.new_empty((chunk, dim)) if convert else None
-    if isinstance(valid, torch.Tensor):
-        limit = _searchable_count(queue, valid)
-        cols = torch.arange(chunk, device=zn.device)
-    for start in range(0, stop, chunk):
-        n = min(chunk, stop - start)
-        rows = queue[start : start + n]
-        if convert:
-            rows = rows_buf[:n]
-            rows.copy_(queue[start : start + n])
-            if normalize_queue:
-                # Exactly F.normalize's arithmetic: row / max(||row||, eps).
-                rows.div_(torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(NORMALIZE_EPS))
-        sims = scores[: batch * n].view(batch, n)
-        torch.matmul(zn, rows.T, out=sims)
-        if isinstance(valid, torch.Tensor):
-            sims.masked_fill_(cols[:n] >= limit - start, _NEG_INF)
-        yield start, sims
+# Index of an empty slot: sorts after every real row.
+_NO_ROW = torch.iinfo(torch.int64).max
 
 
 def _host_reads_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _nan_to_lowest_(x: torch.Tensor) -> torch.Tensor:
-    return x.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+def _normalized_queries(z: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
+    # In float64, then rounded once: the correctly rounded quotient (B x D, cheap).
+    return normalize_rows(z.double()).to(compute_dtype(z, queue))
 
 
-def _searchable_count(queue, valid):
-    """How many rows are searchable: a 0-dim tensor for a tensor ``valid`` (read on the device)."""
-    if isinstance(valid, torch.Tensor):
-        return valid.clamp(0, queue.shape[0]).to(torch.int64)
-    return _searchable_stop(queue, valid)
+def _query_operand(z: torch.Tensor, queue: torch.Tensor, ieee: bool) -> torch.Tensor:
+    """The normalised queries as the GEMM sees them, in the compute dtype."""
+    zn = _normalized_queries(z, queue)
+    if not ieee and queue.dtype in (torch.bfloat16, torch.float16):
+        zn = zn.to(queue.dtype).to(zn.dtype)
+    return zn
 
 
-def _topk_lowest_index(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise top-k of ``sims`` (no NaN), best first, ties to the lowest column.
+def _gemm_dtype(zq: torch.Tensor, queue: torch.Tensor, ieee: bool, normalize_queue: bool) -> torch.dtype:
+    """Operand (and score) dtype of the chunk GEMM: bfloat16 where the CPU has it natively."""
+    if (
+        queue.dtype == torch.bfloat16
+        and zq.dtype == torch.float32
+        and zq.device.type == "cpu"
+        and not ieee
+        and not normalize_queue
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return torch.bfloat16
+    return zq.dtype
 
-    ``torch.topk`` finds the k-th best score but orders ties arbitrarily, so the winners are
-    rebuilt: every score above the k-th, then the lowest-column scores equal to it.
-    """
-    k = min(k, sims.shape[1])
-    vals, _ = sims.topk(k, dim=1)
-    kth = vals[:, -1:]
-    above = sims > kth
-    tied = sims == kth
-    keep = above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
-    # Exactly k columns are kept per row; the k smallest of these unique keys are those columns.
-    cols = torch.arange(sims.shape[1], device=sims.device)
-    key = torch.where(keep, cols, cols + sims.shape[1])
-    cols = key.topk(k, dim=1, largest=False, sorted=True).values
-    vals = sims.gather(1, cols)
+
+def _slack(dim: int, dtype: torch.dtype, gemm_dtype: torch.dtype) -> float:
+    """Relative rounding bound of a chunk score (see the module docstring), with 2^-20 to spare
+    for the float arithmetic that applies it."""
+    unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+    terms = (2 * dim + 16) * unit
+    gamma = terms / (1 - terms)
+    if gemm_dtype == torch.bfloat16:
+        gamma += 2.0**-8 * (1 + gamma)
+    return gamma * (1 + 2.0**-20)
+
+
+def _tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Row sums in one fixed order (pairwise, by elementwise adds): the same values in a row give
+    the same sum wherever the row sits, which a library reduction does not promise."""
+    width = 1 << max(0, (x.shape[1] - 1).bit_length())
+    if width != x.shape[1]:
+        x = torch.nn.functional.pad(x, (0, width - x.shape[1]))
+    while width > 1:
+        width //= 2
+        x = x[:, :width] + x[:, width:]
+    return x[:, 0]
+
+
+def _rescore(zq, queue, normalize_queue, q_rows, cols):
+    """float64 scores of the pairs (query ``q_rows[i]``, queue row ``cols[i]``) from the GEMM's
+    operands; NaN becomes -inf (the NaN rule)."""
+    out = torch.empty(q_rows.shape[0], dtype=torch.float64, device=zq.device)
+    step = max(1, RESCORE_ELEMENTS // zq.shape[1])
+    for s in range(0, q_rows.shape[0], step):
+        a = zq.index_select(0, q_rows[s : s + step]).double()
+        rows = queue.index_select(0, cols[s : s + step]).double()
+        scores = _tree_sum(a * rows)
+        if normalize_queue:
+            # float64 holds the square of any float32 value: no scaling needed here.
+            norm = _tree_sum(rows * rows).sqrt_()
+            scores = torch.where(norm == 0, torch.zeros_like(scores), scores / norm)
+        out[s : s + step] = scores
+    return out.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+
+
+def _merge(best_val, best_idx, vals, idx, k):
+    """The k best of the running lists and new candidates, (score desc, index asc), empty slots
+    last. Every new index must be above every running one and, per row, ascending: a stable sort
+    by score then keeps ties in index order."""
+    vals, idx = torch.cat([best_val, vals], dim=1), torch.cat([best_idx, idx], dim=1)
     order = vals.argsort(dim=1, descending=True, stable=True)
-    return vals.gather(1, order), cols.gather(1, order)
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    order = (idx == _NO_ROW).to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+    return vals.gather(1, order), idx.gather(1, order)
 
 
-def _chunk_topk(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise top-min(k, n) of ``sims`` (no NaN), ordered (score desc, column asc).
+def _chunk_size(batch: int, score_dtype: torch.dtype, chunk_rows: int | None) -> int:
+    if chunk_rows is None:
+        rows_for_block = SCORE_BLOCK_BYTES // (batch * score_dtype.itemsize)
+        return max(MIN_CHUNK_ROWS, rows_for_block // BLOCK * BLOCK)
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return chunk_rows
 
-    ``topk(k + 1)`` is enough wherever the k-th and (k+1)-th scores differ: the k winners are then
-    unique and only their order among ties needs fixing. The rows with a tie across that
-    boundary (rare with real data) take the exact, slower rebuild.
+
+def _chunks(zq, queue, stop, gemm_dtype, normalize_queue, chunk_rows, with_row_bound):
+    """Yield (first row, scores (B, n), largest row norm R or None) over rows [0, stop).
+
+    The scores are a view of one buffer that the next chunk overwrites; NaN is left in place.
     """
-    n = sims.shape[1]
-    if n <= k:
-        cols = torch.arange(n, device=sims.device).expand_as(sims)
-        order = sims.argsort(dim=1, descending=True, stable=True)
-        return sims.gather(1, order), cols.gather(1, order)
-    vals, cols = sims.topk(k + 1, dim=1)
-    clean = vals[:, k - 1] > vals[:, k]
-    vals, cols = vals[:, :k], cols[:, :k]
-    # Column order first, then a stable sort by score: ties end up lowest column first.
-    by_col = cols.argsort(dim=1)
-    vals, cols = vals.gather(1, by_col), cols.gather(1, by_col)
-    by_val = vals.argsort(dim=1, descending=True, stable=True)
-    vals, cols = vals.gather(1, by_val), cols.gather(1, by_val)
-    if not bool(clean.all()):
-        tied_rows = (~clean).nonzero().squeeze(1)
-        tie_vals, tie_cols = _topk_lowest_index(sims.index_select(0, tied_rows), k)
-        vals.index_copy_(0, tied_rows, tie_vals)
-        cols.index_copy_(0, tied_rows, tie_cols)
-    return vals, cols
+    batch, dim = zq.shape
+    chunk = min(_chunk_size(batch, gemm_dtype, chunk_rows), stop)
+    lhs = zq.to(gemm_dtype)
+    # One flat buffer: a short last chunk still gets a contiguous (B, n) view to write into.
+    scores = lhs.new_empty(batch * chunk)
+    convert = queue.dtype != gemm_dtype or normalize_queue
+    rows_buf = lhs.new_empty((chunk, dim)) if convert else None
+    for start in range(0, stop, chunk):
+        n = min(chunk, stop - start)
+        rows = queue[start : start + n]
+        bound = None
+        if normalize_queue:
+            # A power of two per row (exact) brings its largest entry into [0.5, 1): the norm can
+            # then neither overflow nor underflow, and the score is the cosine whatever the scale.
+            biggest = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, dtype=lhs.dtype)
+            exponent = torch.frexp(biggest).exponent.clamp_(-125, 126)
+            rows = torch.mul(rows, torch.ldexp(torch.ones_like(biggest), -exponent)[:, None], out=rows_buf[:n])
+            norm = torch.linalg.vector_norm(rows, dim=1)
+            inv_norm = torch.where(norm == 0, torch.zeros_like(norm), 1 / norm)
+            bound = 1.0
+        else:
+            if with_row_bound:
+                norms = torch.linalg.vector_norm(rows, dim=1, dtype=lhs.dtype if lhs.dtype == torch.float64 else torch.float32)
+                # Non-finite rows score exactly (inf arithmetic) or beyond the contract's range.
+                bound = float(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).amax())
+            if convert:
+                rows = rows_buf[:n].copy_(rows)
+        sims = scores[: batch * n].view(batch, n)
+        torch.matmul(lhs, rows.T, out=sims)
+        if normalize_queue:
+            sims.mul_(inv_norm)
+        yield start, sims, bound
+
+
+def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
+    """(B, k) float64 scores and int64 indices (``_NO_ROW`` for empty slots), best first."""
+    zq = _query_operand(z, queue, ieee)
+    batch, dim = zq.shape
+    num_rows = queue.shape[0]
+    host_reads = _host_reads_free(zq.device)
+    limit = None
+    if valid is None:
+        stop = num_rows
+    elif not isinstance(valid, torch.Tensor):
+        stop = min(max(int(valid), 0), num_rows)
+    elif host_reads:
+        # In 64 bits: 2^32 + 1 must search every row, not one.
+        stop = int(valid.to(torch.int64).clamp(0, num_rows))
+    else:
+        # Read on the device: rows at or past it are masked instead of skipped.
+        stop, limit = num_rows, valid.to(torch.int64).clamp(0, num_rows)
+    best_val = torch.full((batch, k), _NEG_INF, dtype=torch.float64, device=zq.device)
+    best_idx = torch.full((batch, k), _NO_ROW, dtype=torch.int64, device=zq.device)
+    if stop == 0:
+        return best_val, best_idx
+    gemm_dtype = _gemm_dtype(zq, queue, ieee, normalize_queue)
+    if host_reads:
+        qnorm = torch.linalg.vector_norm(zq, dim=1).to(torch.float64).nan_to_num_(nan=0.0)
+        slack = _slack(dim, zq.dtype, gemm_dtype) * qnorm
+    chunks = _chunks(zq, queue, stop, gemm_dtype, normalize_queue, chunk_rows, host_reads)
+    for start, sims, row_bound in chunks:
+        if host_reads:
+            _shortlist_chunk(zq, queue, normalize_queue, k, start, sims, slack * row_bound, best_val, best_idx)
+        else:
+            _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx)
+    return best_val, best_idx
+
+
+def _shortlist_chunk(zq, queue, normalize_queue, k, start, sims, bound, best_val, best_idx):
+    """Merge one chunk into the running lists in place, re-scoring the rows within ``bound``
+    (per query, float64) of the k-th best (host reads: the CPU)."""
+    batch, n = sims.shape
+    block = BLOCK if n % BLOCK == 0 else n
+    blocks = sims.view(batch, n // block, block)
+    block_max = blocks.amax(dim=2)
+    chunk_max = block_max.amax(dim=1)
+    nan_rows = torch.isnan(chunk_max).nonzero().squeeze(1)
+    if nan_rows.numel():
+        # NaN ranks as -inf: cleaned only for the queries that have some (amax propagated it).
+        cleaned = sims.index_select(0, nan_rows).nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+        sims.index_copy_(0, nan_rows, cleaned)
+        block_max.index_copy_(0, nan_rows, cleaned.view(-1, n // block, block).amax(dim=2))
+        chunk_max = block_max.amax(dim=1)
+    kth_best = best_val[:, -1]
+    # A query needs the chunk if its best could beat the k-th best so far (a tie would lose to the
+    # earlier, lower index) or a slot is still empty.
+    upper = chunk_max.to(torch.float64) + bound
+    rows = ((upper > kth_best) | (best_idx[:, -1] == _NO_ROW)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    row_max = block_max.index_select(0, rows).to(torch.float64)
+    row_bound = bound.index_select(0, rows)
+    # A lower bound on the chunk's k-th best score: the k-th largest block maximum (k blocks hold
+    # a value at least that large each).
+    if k == 1:
+        kth_lower = row_max.amax(dim=1)
+    elif row_max.shape[1] >= k:
+        kth_lower = row_max.topk(k, dim=1).values[:, -1]
+    else:
+        kth_lower = sims.index_select(0, rows).topk(min(k, n), dim=1).values[:, -1].to(torch.float64)
+        if n < k:
+            kth_lower = torch.full_like(kth_lower, _NEG_INF)
+    # Exact scores within the bound of a computed one: nothing below `threshold` can reach the
+    # chunk's k-th best or the running k-th best.
+    threshold = torch.maximum(kth_best.index_select(0, rows), kth_lower - row_bound) - row_bound
+    threshold = threshold.nan_to_num_(nan=_NEG_INF)
+    # Compared in the score dtype, rounded down so that nothing within the bound is lost.
+    cmp = sims.dtype if sims.dtype != torch.bfloat16 else torch.float32
+    rounded = threshold.to(cmp)
+    rounded = torch.where(rounded.to(torch.float64) > threshold, torch.nextafter(rounded, rounded.new_tensor(_NEG_INF)), rounded)
+    hit_row, hit_block = (row_max.to(cmp) >= rounded[:, None]).nonzero(as_tuple=True)
+    values = blocks[rows.index_select(0, hit_row), hit_block].to(cmp)
+    pair, col = (values >= rounded.index_select(0, hit_row)[:, None]).nonzero(as_tuple=True)
+    # Pairs come out ordered by (query, column), so each query's candidates ascend by index.
+    owner = hit_row.index_select(0, pair)
+    cols = hit_block.index_select(0, pair) * block + col + start
+    scores = _rescore(zq, queue, normalize_queue, rows.index_select(0, owner), cols)
+    counts = torch.bincount(owner, minlength=rows.numel())
+    width = int(counts.max())
+    slot = torch.arange(owner.numel(), device=owner.device) - (counts.cumsum(0) - counts).index_select(0, owner)
+    cand_val = best_val.new_full((rows.numel(), width), _NEG_INF)
+    cand_idx = best_idx.new_full((rows.numel(), width), _NO_ROW)
+    cand_val[owner, slot] = scores
+    cand_idx[owner, slot] = cols
+    vals, idx = _merge(best_val.index_select(0, rows), best_idx.index_select(0, rows), cand_val, cand_idx, k)
+    best_val.index_copy_(0, rows, vals)
+    best_idx.index_copy_(0, rows, idx)
+
+
+def _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx):
+    """Merge one chunk into the running lists in place, re-scoring each query's ``k +
+    SYNC_FREE_EXTRA`` best computed columns; reads nothing on the host."""
+    batch, n = sims.shape
+    sims.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+    if limit is not None:
+        sims.masked_fill_(torch.arange(start, start + n, device=sims.device) >= limit, _NEG_INF)
+    take = min(n, k + SYNC_FREE_EXTRA)
+    # The `take` best columns, ties at the boundary to the lowest (torch.topk picks arbitrarily
+    # among ties; here a real -inf row must beat a masked one): every column above the take-th
+    # score, then the lowest equal to it. Ascending, as _merge wants them.
+    kth = sims.topk(take, dim=1).values[:, -1:]
+    above, tied = sims > kth, sims == kth
+    keep = above | (tied & (tied.cumsum(dim=1) <= take - above.sum(dim=1, keepdim=True)))
+    col = torch.arange(n, device=sims.device)
+    cols = torch.where(keep, col, col + n).topk(take, dim=1, largest=False).values + start
+    q_rows = torch.arange(batch, device=zq.device).repeat_interleave(take)
+    scores = _rescore(zq, queue, normalize_queue, q_rows, cols.reshape(-1)).view(batch, take)
+    if limit is not None:
+        masked = cols >= limit
+        scores = scores.masked_fill(masked, _NEG_INF)
+        cols = cols.masked_fill(masked, _NO_ROW)
+    vals, idx = _merge(best_val, best_idx, scores, cols, k)
+    best_val.copy_(vals)
+    best_idx.copy_(idx)
 
 
 def torch_nn_topk(
@@ -179,49 +337,10 @@ def torch_nn_topk(
     normalize_queue: bool = False,
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, k) similarities (float32; float64 for float64 inputs) and int64 indices, best first."""
-    zn = _query_operand(z, queue, ieee)
-    batch = zn.shape[0]
-    best_vals = zn.new_full((batch, k), _NEG_INF)
-    best_idx = torch.full((batch, k), -1, dtype=torch.int64, device=zn.device)
-    chunk_max = zn.new_empty(batch)
-    # The filters below read flags on the host: free on the CPU, a sync per chunk on a GPU (which
-    # takes this path for k > 16 only), where every query takes every chunk instead.
-    host_reads = _host_reads_free(zn.device)
-    every_row = torch.arange(batch, device=zn.device)
-    for start, sims in _chunk_scores(zn, queue, valid, normalize_queue, chunk_rows):
-        if not host_reads:
-            rows = every_row
-            chunk_vals, chunk_cols = _topk_lowest_index(_nan_to_lowest_(sims), k)
-        else:
-            torch.amax(sims, dim=1, out=chunk_max)
-            # A query needs this chunk only if it beats its k-th best (ties go to the earlier,
-            # lower index), hides a NaN (amax propagates it), or still has an empty slot.
-            need = ~(chunk_max <= best_vals[:, -1]) | (best_idx[:, -1] < 0)
-            rows = need.nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            # The first chunks concern every query: no copy then (the buffer is scratch anyway).
-            sub = sims if rows.numel() == batch else sims.index_select(0, rows)
-            if bool(torch.isnan(chunk_max.index_select(0, rows)).any()):
-                _nan_to_lowest_(sub)
-            chunk_vals, chunk_cols = _chunk_topk(sub, k)
-        # Both halves are ordered (score desc, index asc) and every running index is below this
-        # chunk's, so a stable sort of their concatenation keeps ties on the lowest index; a
-        # second stable sort moves the running empty slots (-1) behind every real candidate.
-        vals = torch.cat([best_vals.index_select(0, rows), chunk_vals], dim=1)
-        idx = torch.cat([best_idx.index_select(0, rows), chunk_cols + start], dim=1)
-        order = vals.argsort(dim=1, descending=True, stable=True)
-        vals, idx = vals.gather(1, order), idx.gather(1, order)
-        order = (idx >= 0).to(torch.uint8).argsort(dim=1, descending=True, stable=True)[:, :k]
-        best_vals.index_copy_(0, rows, vals.gather(1, order))
-        best_idx.index_copy_(0, rows, idx.gather(1, order))
-    if isinstance(valid, torch.Tensor):
-        # Slots holding masked rows (at or past valid) could only be filled by their -inf.
-        unfilled = best_idx >= _searchable_count(queue, valid)
-        best_vals.masked_fill_(unfilled, _NEG_INF)
-        best_idx.masked_fill_(unfilled, -1)
-    return best_vals, best_idx
+    """(B, k) similarities (float32; float64 for float64 inputs) and int64 indices, best first;
+    a slot no searchable row can fill holds (-inf, -1)."""
+    vals, idx = _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows)
+    return vals.to(compute_dtype(z, queue)), idx.masked_fill_(idx == _NO_ROW, -1)
 
 
 def torch_nn_lookup(
@@ -233,43 +352,10 @@ def torch_nn_lookup(
     chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(nearest rows in z's dtype, int64 indices); -1 and the normalised query where nothing is searchable."""
-    zn = _query_operand(z, queue, ieee)
-    batch = zn.shape[0]
-    best_val = zn.new_full((batch,), _NEG_INF)
-    best_idx = torch.full((batch,), -1, dtype=torch.int64, device=zn.device)
-    chunk_max = zn.new_empty(batch)
-    for start, sims in _chunk_scores(zn, queue, valid, normalize_queue, chunk_rows):
-        n = sims.shape[1]
-        # Maxima of blocks of LOOKUP_BLOCK columns (one vectorised pass; a short chunk is one
-        # block), then of the chunk: the column of a maximum is then searched in one block only.
-        block = LOOKUP_BLOCK if n % LOOKUP_BLOCK == 0 else n
-        block_max = sims.view(batch, n // block, block).amax(dim=2)
-        torch.amax(block_max, dim=1, out=chunk_max)
-        # Only queries whose best score this chunk beats (strictly: ties stay on the earlier
-        # chunk's lower index) or hides a NaN need the column of their maximum.
-        rows = (~(chunk_max <= best_val)).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            continue
-        sub_max = chunk_max.index_select(0, rows)
-        if bool(torch.isnan(sub_max).any()):
-            # NaN in some scores: the exact, slower way for those queries (rare).
-            sub = _nan_to_lowest_(sims.index_select(0, rows))
-            vals, cols = sub.max(dim=1)
-        else:
-            # The first block holding the maximum, then the first column in it holding it: the
-            # first maximal column of the chunk, as argmax finds it.
-            first_block = block_max.index_select(0, rows).argmax(dim=1)
-            in_block = sims.view(batch, n // block, block)[rows, first_block].argmax(dim=1)
-            vals, cols = sub_max, first_block * block + in_block
-        old = best_val.index_select(0, rows)
-        better = vals > old
-        best_val.index_copy_(0, rows, torch.where(better, vals, old))
-        best_idx.index_copy_(0, rows, torch.where(better, cols + start, best_idx.index_select(0, rows)))
-    # A query none of whose searchable scores beat -inf (all NaN or -inf) gets the first
-    # searchable row, as argmax would; with nothing searchable it keeps -1.
-    anything = torch.as_tensor(_searchable_count(queue, valid)) > 0  # on the device for a tensor valid
-    best_idx = torch.where(best_idx < 0, torch.where(anything, 0, -1), best_idx)
-    found = best_idx >= 0
-    rows = queue.index_select(0, best_idx.clamp_min(0)).to(z.dtype)
-    own = F.normalize(z.to(zn.dtype), dim=1).to(z.dtype)
-    return torch.where(found[:, None], rows, own), best_idx
+    _, idx = _search(z, queue, 1, valid, ieee, normalize_queue, chunk_rows)
+    idx = idx[:, 0]
+    found = idx != _NO_ROW
+    idx = idx.masked_fill_(~found, -1)
+    rows = queue.index_select(0, idx.clamp_min(0)).to(z.dtype)
+    own = _normalized_queries(z, queue).to(z.dtype)
+    return torch.where(found[:, None], rows, own), idx
