@@ -60,9 +60,10 @@ SCORE_BLOCK_BYTES = 4 << 20
 MIN_CHUNK_ROWS = 1024
 DEFAULT_CHUNK_ROWS = None  # None: sized from SCORE_BLOCK_BYTES
 
-# A chunk's scores are reduced per block of this many columns first; the shortlist is searched
-# inside the blocks whose maximum reaches the bound only.
-BLOCK = 64
+# Columns per block whose maximum every chunk records (see _block_max): the shortlist is every
+# column of the blocks whose maximum reaches the bound, so smaller blocks re-score fewer rows and
+# record more maxima (B * K / BLOCK of them).
+BLOCK = 16
 
 # Without host reads (see the module docstring): computed candidates re-scored per query, chunk
 # and wanted row.
@@ -134,15 +135,17 @@ def _rescore(zq, queue, normalize_queue, q_rows, cols):
     """float64 scores of the pairs (query ``q_rows[i]``, queue row ``cols[i]``) from the GEMM's
     operands; NaN becomes -inf (the NaN rule)."""
     out = torch.empty(q_rows.shape[0], dtype=torch.float64, device=zq.device)
+    zq = zq.double()
     step = max(1, RESCORE_ELEMENTS // zq.shape[1])
     for s in range(0, q_rows.shape[0], step):
-        a = zq.index_select(0, q_rows[s : s + step]).double()
+        a = zq.index_select(0, q_rows[s : s + step])
         rows = queue.index_select(0, cols[s : s + step]).double()
         scores = _tree_sum(a * rows)
         if normalize_queue:
             # float64 holds the square of any float32 value: no scaling needed here.
             norm = _tree_sum(rows * rows).sqrt_()
-            scores = torch.where(norm == 0, torch.zeros_like(scores), scores / norm)
+            # A zero row stays zero (its score is 0 * q: NaN for a NaN query, as in the GEMM).
+            scores = torch.where(norm == 0, scores * 0, scores / norm)
         out[s : s + step] = scores
     return out.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
 
@@ -167,43 +170,47 @@ def _chunk_size(batch: int, score_dtype: torch.dtype, chunk_rows: int | None) ->
     return chunk_rows
 
 
-def _chunks(zq, queue, stop, gemm_dtype, normalize_queue, chunk_rows, with_row_bound):
-    """Yield (first row, scores (B, n), largest row norm R or None) over rows [0, stop).
+class _Scorer:
+    """The chunk GEMM: ``score(start, n)`` returns the (B, n) scores of queue rows
+    [start, start + n), a view of one buffer that the next call overwrites; NaN is left in place."""
 
-    The scores are a view of one buffer that the next chunk overwrites; NaN is left in place.
-    """
-    batch, dim = zq.shape
-    chunk = min(_chunk_size(batch, gemm_dtype, chunk_rows), stop)
-    lhs = zq.to(gemm_dtype)
-    # One flat buffer: a short last chunk still gets a contiguous (B, n) view to write into.
-    scores = lhs.new_empty(batch * chunk)
-    convert = queue.dtype != gemm_dtype or normalize_queue
-    rows_buf = lhs.new_empty((chunk, dim)) if convert else None
-    for start in range(0, stop, chunk):
-        n = min(chunk, stop - start)
-        rows = queue[start : start + n]
-        bound = None
-        if normalize_queue:
+    def __init__(self, zq, queue, stop, gemm_dtype, normalize_queue, chunk_rows):
+        batch, dim = zq.shape
+        self.chunk = min(_chunk_size(batch, gemm_dtype, chunk_rows), stop)
+        self.lhs = zq.to(gemm_dtype)
+        self.queue, self.normalize_queue = queue, normalize_queue
+        # One flat buffer: a short last chunk still gets a contiguous (B, n) view to write into.
+        self.scores = self.lhs.new_empty(batch * self.chunk)
+        convert = queue.dtype != gemm_dtype or normalize_queue
+        self.rows_buf = self.lhs.new_empty((self.chunk, dim)) if convert else None
+
+    def score(self, start: int, n: int) -> torch.Tensor:
+        rows = self.queue[start : start + n]
+        if self.normalize_queue:
             # A power of two per row (exact) brings its largest entry into [0.5, 1): the norm can
             # then neither overflow nor underflow, and the score is the cosine whatever the scale.
-            biggest = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, dtype=lhs.dtype)
+            biggest = torch.linalg.vector_norm(rows, ord=float("inf"), dim=1, dtype=self.lhs.dtype)
             exponent = torch.frexp(biggest).exponent.clamp_(-125, 126)
-            rows = torch.mul(rows, torch.ldexp(torch.ones_like(biggest), -exponent)[:, None], out=rows_buf[:n])
+            rows = torch.mul(rows, torch.ldexp(torch.ones_like(biggest), -exponent)[:, None], out=self.rows_buf[:n])
             norm = torch.linalg.vector_norm(rows, dim=1)
             inv_norm = torch.where(norm == 0, torch.zeros_like(norm), 1 / norm)
-            bound = 1.0
-        else:
-            if with_row_bound:
-                norms = torch.linalg.vector_norm(rows, dim=1, dtype=lhs.dtype if lhs.dtype == torch.float64 else torch.float32)
-                # Non-finite rows score exactly (inf arithmetic) or beyond the contract's range.
-                bound = float(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).amax())
-            if convert:
-                rows = rows_buf[:n].copy_(rows)
-        sims = scores[: batch * n].view(batch, n)
-        torch.matmul(lhs, rows.T, out=sims)
-        if normalize_queue:
+        elif self.rows_buf is not None:
+            rows = self.rows_buf[:n].copy_(rows)
+        sims = self.scores[: self.lhs.shape[0] * n].view(-1, n)
+        torch.matmul(self.lhs, rows.T, out=sims)
+        if self.normalize_queue:
             sims.mul_(inv_norm)
-        yield start, sims, bound
+        return sims
+
+
+def _block_max(sims: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(B, n / blocks) maxima of the chunk's column blocks and the block length. Block b holds
+    columns b, b + nb, b + 2 nb, ...: reduced across rows of a (B, BLOCK, nb) view, which runs at
+    memory speed where a reduction over short contiguous blocks does not."""
+    batch, n = sims.shape
+    if n % BLOCK:
+        return sims.clone(), 1
+    return sims.view(batch, BLOCK, n // BLOCK).amax(dim=1), BLOCK
 
 
 def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
@@ -223,82 +230,108 @@ def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
     else:
         # Read on the device: rows at or past it are masked instead of skipped.
         stop, limit = num_rows, valid.to(torch.int64).clamp(0, num_rows)
+    if stop == 0:
+        return (
+            torch.full((batch, k), _NEG_INF, dtype=torch.float64, device=zq.device),
+            torch.full((batch, k), _NO_ROW, dtype=torch.int64, device=zq.device),
+        )
+    scorer = _Scorer(zq, queue, stop, _gemm_dtype(zq, queue, ieee, normalize_queue), normalize_queue, chunk_rows)
+    if host_reads:
+        return _shortlist_search(zq, queue, stop, k, normalize_queue, scorer)
     best_val = torch.full((batch, k), _NEG_INF, dtype=torch.float64, device=zq.device)
     best_idx = torch.full((batch, k), _NO_ROW, dtype=torch.int64, device=zq.device)
-    if stop == 0:
-        return best_val, best_idx
-    gemm_dtype = _gemm_dtype(zq, queue, ieee, normalize_queue)
-    if host_reads:
-        qnorm = torch.linalg.vector_norm(zq, dim=1).to(torch.float64).nan_to_num_(nan=0.0)
-        slack = _slack(dim, zq.dtype, gemm_dtype) * qnorm
-    chunks = _chunks(zq, queue, stop, gemm_dtype, normalize_queue, chunk_rows, host_reads)
-    for start, sims, row_bound in chunks:
-        if host_reads:
-            _shortlist_chunk(zq, queue, normalize_queue, k, start, sims, slack * row_bound, best_val, best_idx)
-        else:
-            _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx)
+    for start in range(0, stop, scorer.chunk):
+        sims = scorer.score(start, min(scorer.chunk, stop - start))
+        _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx)
     return best_val, best_idx
 
 
-def _shortlist_chunk(zq, queue, normalize_queue, k, start, sims, bound, best_val, best_idx):
-    """Merge one chunk into the running lists in place, re-scoring the rows within ``bound``
-    (per query, float64) of the k-th best (host reads: the CPU)."""
-    batch, n = sims.shape
-    block = BLOCK if n % BLOCK == 0 else n
-    blocks = sims.view(batch, n // block, block)
-    block_max = blocks.amax(dim=2)
-    chunk_max = block_max.amax(dim=1)
-    nan_rows = torch.isnan(chunk_max).nonzero().squeeze(1)
-    if nan_rows.numel():
-        # NaN ranks as -inf: cleaned only for the queries that have some (amax propagated it).
-        cleaned = sims.index_select(0, nan_rows).nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
-        sims.index_copy_(0, nan_rows, cleaned)
-        block_max.index_copy_(0, nan_rows, cleaned.view(-1, n // block, block).amax(dim=2))
-        chunk_max = block_max.amax(dim=1)
-    kth_best = best_val[:, -1]
-    # A query needs the chunk if its best could beat the k-th best so far (a tie would lose to the
-    # earlier, lower index) or a slot is still empty.
-    upper = chunk_max.to(torch.float64) + bound
-    rows = ((upper > kth_best) | (best_idx[:, -1] == _NO_ROW)).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return
-    row_max = block_max.index_select(0, rows).to(torch.float64)
-    row_bound = bound.index_select(0, rows)
-    # A lower bound on the chunk's k-th best score: the k-th largest block maximum (k blocks hold
-    # a value at least that large each).
-    if k == 1:
-        kth_lower = row_max.amax(dim=1)
-    elif row_max.shape[1] >= k:
-        kth_lower = row_max.topk(k, dim=1).values[:, -1]
+def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
+    """The CPU's search (host reads are free): the maxima of column blocks of every chunk, then
+    one shortlist of every block that can hold one of a query's k best, re-scored in float64."""
+    batch, dim = zq.shape
+    device = zq.device
+    maxima, firsts, strides, lengths = [], [], [], []
+    # Row norms in the queue's dtype (a 16-bit norm, accumulated in float32 and rounded once, is
+    # ten times cheaper than one asked for in float32; the bound allows for its rounding).
+    norms = None if normalize_queue else queue.new_empty(stop)
+    starts = list(range(0, stop, scorer.chunk))
+    for start in starts:
+        n = min(scorer.chunk, stop - start)
+        sims = scorer.score(start, n)
+        block_max, length = _block_max(sims)
+        maxima.append(block_max)
+        firsts.append(torch.arange(start, start + n // length, device=device))
+        strides.append(torch.full((n // length,), n // length, device=device))
+        lengths.append(torch.full((n // length,), length, device=device))
+        if norms is not None:
+            torch.linalg.vector_norm(queue[start : start + n], dim=1, out=norms[start : start + n])
+    block_max = torch.cat(maxima, dim=1)
+    if bool(torch.isnan(block_max).any()):
+        # NaN ranks as -inf: rescored and cleaned only in the chunks that have some (amax
+        # propagated it), so NaN-free data pays nothing.
+        for i, start in enumerate(starts):
+            if bool(torch.isnan(maxima[i]).any()):
+                sims = scorer.score(start, min(scorer.chunk, stop - start))
+                maxima[i] = _block_max(sims.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF))[0]
+        block_max = torch.cat(maxima, dim=1)
+    block_max = block_max.to(zq.dtype)
+    first, stride, length = torch.cat(firsts), torch.cat(strides), torch.cat(lengths)
+
+    # The bound on |computed - exact| per query: slack * ||q|| * R, R the largest finite row norm
+    # (rows with Inf or NaN score exactly: inf arithmetic has no rounding).
+    if norms is None:
+        largest = 1.0
     else:
-        kth_lower = sims.index_select(0, rows).topk(min(k, n), dim=1).values[:, -1].to(torch.float64)
-        if n < k:
-            kth_lower = torch.full_like(kth_lower, _NEG_INF)
-    # Exact scores within the bound of a computed one: nothing below `threshold` can reach the
-    # chunk's k-th best or the running k-th best.
-    threshold = torch.maximum(kth_best.index_select(0, rows), kth_lower - row_bound) - row_bound
-    threshold = threshold.nan_to_num_(nan=_NEG_INF)
+        largest = float(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).amax())
+        if norms.dtype != torch.float64:
+            # The norm's own rounding: float32's is within the slack, a 16-bit one is not.
+            largest *= 1 + 2.0**-7
+    qnorm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
+    bound = _slack(dim, zq.dtype, scorer.lhs.dtype) * qnorm * largest
+    # The k-th largest block maximum is a lower bound on the k-th best computed score (k blocks
+    # hold a score at least that large each); an exact k-th best lies within the bound of it, so
+    # a row can be among the k best only if its computed score reaches `threshold`.
+    num_blocks = block_max.shape[1]
+    if num_blocks >= k:
+        kth = block_max.topk(k, dim=1).values[:, -1] if k > 1 else block_max.amax(dim=1)
+        threshold = kth.to(torch.float64) - 2 * bound
+    else:
+        threshold = torch.full((batch,), _NEG_INF, dtype=torch.float64, device=device)
     # Compared in the score dtype, rounded down so that nothing within the bound is lost.
-    cmp = sims.dtype if sims.dtype != torch.bfloat16 else torch.float32
-    rounded = threshold.to(cmp)
+    rounded = threshold.to(block_max.dtype)
     rounded = torch.where(rounded.to(torch.float64) > threshold, torch.nextafter(rounded, rounded.new_tensor(_NEG_INF)), rounded)
-    hit_row, hit_block = (row_max.to(cmp) >= rounded[:, None]).nonzero(as_tuple=True)
-    values = blocks[rows.index_select(0, hit_row), hit_block].to(cmp)
-    pair, col = (values >= rounded.index_select(0, hit_row)[:, None]).nonzero(as_tuple=True)
-    # Pairs come out ordered by (query, column), so each query's candidates ascend by index.
-    owner = hit_row.index_select(0, pair)
-    cols = hit_block.index_select(0, pair) * block + col + start
-    scores = _rescore(zq, queue, normalize_queue, rows.index_select(0, owner), cols)
-    counts = torch.bincount(owner, minlength=rows.numel())
-    width = int(counts.max())
-    slot = torch.arange(owner.numel(), device=owner.device) - (counts.cumsum(0) - counts).index_select(0, owner)
-    cand_val = best_val.new_full((rows.numel(), width), _NEG_INF)
-    cand_idx = best_idx.new_full((rows.numel(), width), _NO_ROW)
+    # A query with fewer than k blocks above -inf (NaN scores, a NaN query): its -inf rows rank by
+    # index, so the first k * (BLOCK + 1) rows hold its k lowest -inf rows whatever the k - 1
+    # finite blocks take.
+    no_floor = torch.isneginf(rounded)
+    hit = block_max >= rounded[:, None]
+    if bool(no_floor.any()):
+        hit &= ~(no_floor[:, None] & torch.isneginf(block_max))
+    owner, block = hit.nonzero(as_tuple=True)
+    offsets = torch.arange(BLOCK, device=device)
+    cols = first.index_select(0, block)[:, None] + stride.index_select(0, block)[:, None] * offsets
+    real = offsets < length.index_select(0, block)[:, None]
+    owner = owner[:, None].expand_as(cols)[real]
+    cols = cols[real]
+    floorless = no_floor.nonzero().squeeze(1)
+    if floorless.numel():
+        head = torch.arange(min(stop, k * (BLOCK + 1)), device=device)
+        owner = torch.cat([owner, floorless.repeat_interleave(head.numel())])
+        cols = torch.cat([cols, head.repeat(floorless.numel())])
+    # One entry per (query, row), ordered by query then row.
+    key = torch.unique(owner * stop + cols)
+    owner, cols = key // stop, key % stop
+    scores = _rescore(zq, queue, normalize_queue, owner, cols)
+    counts = torch.bincount(owner, minlength=batch)
+    width = max(k, int(counts.max()))
+    slot = torch.arange(owner.numel(), device=device) - (counts.cumsum(0) - counts).index_select(0, owner)
+    cand_val = torch.full((batch, width), _NEG_INF, dtype=torch.float64, device=device)
+    cand_idx = torch.full((batch, width), _NO_ROW, dtype=torch.int64, device=device)
     cand_val[owner, slot] = scores
     cand_idx[owner, slot] = cols
-    vals, idx = _merge(best_val.index_select(0, rows), best_idx.index_select(0, rows), cand_val, cand_idx, k)
-    best_val.index_copy_(0, rows, vals)
-    best_idx.index_copy_(0, rows, idx)
+    empty = cand_val[:, :0]
+    return _merge(empty, cand_idx[:, :0], cand_val, cand_idx, k)
 
 
 def _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx):

@@ -372,8 +372,11 @@ def test_raw_bank_of_any_scale_gives_the_cosine_neighbour(q_dtype, scale):
     z = bank[[7, 20, 33]] + 0.01 * torch.randn(3, 40, generator=g)
     if q_dtype == torch.float16:
         scale = 1e-3 if scale < 1 else 1e3
-    b = (bank * scale).to(q_dtype)
-    for zs in (z, z * scale):
+    # The queries' cosine neighbours scaled among unit-scale rows, and every row scaled.
+    mixed = bank.clone()
+    mixed[[7, 20, 33]] *= scale
+    mixed, scaled = mixed.to(q_dtype), (bank * scale).to(q_dtype)
+    for zs, b in ((z, mixed), (z * scale, mixed), (z, scaled)):
         for precision in ("ieee", "default"):
             _, idx = nn_lookup(zs, b, normalize_queue=True, return_indices=True, precision=precision)
             assert idx.tolist() == [7, 20, 33]

@@ -421,15 +421,18 @@ def test_shortlist_bound_covers_a_bfloat16_gemm():
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
 def test_any_row_scale_gives_the_cosine_neighbour(q_dtype, scale):
-    # Raw rows of norm ~scale: squaring them in float32 overflows (1e20^2) or underflows (1e-30^2).
+    # Rows 7, 20 and 33 (the queries' cosine neighbours) scaled to norm ~scale among unit-scale
+    # rows: squaring them in float32 overflows (1e20^2) or underflows (1e-30^2), and an eps would
+    # shrink the tiny ones' scores.
     g = torch.Generator().manual_seed(1)
     bank = torch.randn(60, 40, generator=g)
     z = bank[[7, 20, 33]] + 0.01 * torch.randn(3, 40, generator=g)
+    bank[[7, 20, 33]] *= scale
     for z_scale in (1.0, scale):
         zs = z * z_scale
         for ieee in (True, False):
             precision = "ieee" if ieee else "default"
-            b = (bank * scale).to(q_dtype)
+            b = bank.to(q_dtype)
             _, idx = torch_nn_lookup(zs, b, ieee=ieee, normalize_queue=True, chunk_rows=16)
             assert idx.tolist() == [7, 20, 33]
             assert torch.equal(idx, reference_nn_lookup(zs, b, precision=precision, normalize_queue=True)[1])
