@@ -5,42 +5,42 @@ device on which the fused Triton kernel cannot run. Its semantics are the contra
 in ``nnclr_fast.ops.reference``; how it meets it:
 
 Scores. The query is normalised as ``common.normalize_rows`` does (no overflow, no eps) in
-float64, rounded to float32 (kept in float64 for float64 inputs) and, at precision "default"
-with a 16-bit queue, rounded to
-the queue's dtype (round to nearest even), as the tensor cores see it. A chunk of queue rows is
-then scored by the device's GEMM: on a CPU with native bfloat16 (AVX-512-BF16 or AMX, which
-oneDNN uses) a bfloat16 queue at "default" is scored by a bfloat16 GEMM (16-bit products,
-float32 accumulation, results rounded to bfloat16); every other case upcasts the chunk's rows
-and runs a float32 (float64) GEMM. With ``normalize_queue`` the rows are first scaled by a power
-of two (exact) so that their norms neither overflow nor underflow, and each score is divided by
-its row's norm.
+float64 and rounded to float32 (float64 inputs stay float64); at precision "default" with a
+16-bit queue it is then rounded to the queue's dtype (to nearest even), as tensor cores take it.
+A chunk of queue rows is scored by the device's GEMM: on a CPU with native bfloat16
+(AVX-512-BF16 or AMX, which oneDNN uses) a bfloat16 queue at "default" by a bfloat16 GEMM
+(16-bit products, float32 accumulation, each score rounded to bfloat16), every other case by a
+float32 (float64) GEMM of the chunk's rows (upcast where needed: products of 16-bit values are
+exact in float32). With ``normalize_queue`` the rows are first scaled by a power of two (exact),
+so that their norms neither overflow nor underflow, and each score is divided by its row's norm.
 
 The choice. A GEMM's rounding depends on where a column sits in it (MKL computes the columns at
-a tile's edge in another order), so identical rows can get different scores. The computed scores
-therefore only shortlist: on a CPU every row whose computed score lies within the GEMM's rounding
-bound of the k-th best is re-scored in float64 from the same operands (their products are exact
-in float64, and every pair is summed in the same fixed order), and the k best re-scored rows
-win, ties to the lowest index. So the answer is the exact top-k of the operands (up to float64
-rounding), identical rows tie exactly, and the returned scores are those float64 scores rounded
-to float32. The bound, per query and chunk: ``slack * ||q|| * R`` with ``R`` the chunk's largest
-row norm (1 under ``normalize_queue``), ``slack`` = gamma(2D + 16) = (2D + 16) u / (1 - (2D + 16) u)
-(a dot product of length D is off by at most gamma(D) * sum |q_i r_i|; the rest covers the norms
-and the division) plus the bfloat16 rounding of the result where the GEMM writes bfloat16.
-Rows of norm above float32's range (entries near 1e38 with ``normalize_queue=False``) get no
-bound; their computed scores decide.
+a tile's edge in another order), so identical rows can get different scores: the computed
+scores only shortlist. On a CPU (host reads are free) each chunk records just the maxima of its
+blocks of ``BLOCK`` rows; once all chunks are done, the blocks whose maximum lies within a true
+rounding bound of a query's k-th best are recomputed with a batched matrix-vector product, the
+rows that can still reach it are re-scored in float64 from the same operands (their products are
+exact there, and every pair is summed in one fixed order), and the k best re-scored rows win,
+ties to the lowest index. So the answer is the exact top-k of the operands (up to float64
+rounding), identical rows tie exactly, and the returned scores are the float64 ones rounded to
+float32. The bound per query is ``gamma(2D + 16) * ||q|| * R`` with ``R`` the largest row norm
+(1 under ``normalize_queue``) and ``gamma(n) = n u / (1 - n u)`` (a dot product of length D is
+off by at most gamma(D) * sum |q_i r_i|; the rest covers the norms and the division), plus
+2^-8 of the scores' size where the GEMM writes bfloat16. Rows of norm beyond float32's range
+(entries near 1e38 with ``normalize_queue=False``) get no bound: their computed scores decide.
 
 Devices other than the CPU must not read device memory on the host (CUDA graph capture; see
-``_host_reads_free``): there every query re-scores the ``k + SYNC_FREE_EXTRA`` best computed
-columns of every chunk instead of the rows within the bound, so the answer is exact whenever no
-chunk holds more than that many rows within the bound of a query's k-th best.
+``_host_reads_free``): there each query re-scores the ``k + SYNC_FREE_EXTRA`` best computed rows
+of every chunk, which is exact whenever no chunk holds more rows than that within the bound of a
+query's k-th best.
 
-Where the time goes (B=512, D=256, K=98,304, two cores): nearly all of it is the GEMM, written
-into one reused buffer (``matmul(out=)``: no per-chunk allocation or page faults). One
-vectorised pass follows it, the maxima of blocks of ``BLOCK`` columns per query; a query needs a
-chunk only if that chunk's best could beat its k-th best so far (about ln(chunks) times per
-query in all), and its shortlist is then searched only inside the blocks whose maximum reaches
-the bound. NaN costs nothing unless it is there: ``amax`` propagates it, and only the scores of
-the queries it touches are cleaned.
+Where the time goes (B=512, D=256, K=98,304): nearly all of it is the GEMM, written into one
+reused buffer (``matmul(out=)``: no per-chunk allocation or page faults). Per chunk only the
+block maxima (one reduction across the middle of a view, at memory speed) and the rows' norms
+follow it; the shortlist of random data is about one block and one re-scored row per query
+(B=512, random unit rows: 1.0 and 1.0 for float32, 1.4 and 1.1 for the bfloat16 GEMM). NaN
+costs nothing unless it is there: ``amax`` propagates it, and only chunks that have some are
+scored again and cleaned.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ BLOCK = 16
 # and wanted row.
 SYNC_FREE_EXTRA = 15
 
-# Pairs re-scored at a time: bounds the float64 copies of the operands (2 x 16 MiB).
-RESCORE_ELEMENTS = 1 << 21
+# Elements of gathered rows handled at a time when re-scoring: 2 MiB of float64, which the
+# allocator reuses (fresh multi-MiB buffers cost page faults, several times the arithmetic).
+RESCORE_ELEMENTS = 1 << 18
 
 _NEG_INF = float("-inf")
 # Index of an empty slot: sorts after every real row.
@@ -94,6 +95,12 @@ def _query_operand(z: torch.Tensor, queue: torch.Tensor, ieee: bool) -> torch.Te
     return zn
 
 
+def _native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (oneDNN's check: AVX-512-BF16 or AMX).
+    Elsewhere oneDNN emulates it, slower than upcasting to float32."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _gemm_dtype(zq: torch.Tensor, queue: torch.Tensor, ieee: bool, normalize_queue: bool) -> torch.dtype:
     """Operand (and score) dtype of the chunk GEMM: bfloat16 where the CPU has it natively."""
     if (
@@ -102,21 +109,20 @@ def _gemm_dtype(zq: torch.Tensor, queue: torch.Tensor, ieee: bool, normalize_que
         and zq.device.type == "cpu"
         and not ieee
         and not normalize_queue
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and _native_bfloat16()
     ):
         return torch.bfloat16
     return zq.dtype
 
 
-def _slack(dim: int, dtype: torch.dtype, gemm_dtype: torch.dtype) -> float:
-    """Relative rounding bound of a chunk score (see the module docstring), with 2^-20 to spare
-    for the float arithmetic that applies it."""
+def _slack(dim: int, dtype: torch.dtype, gemm_dtype: torch.dtype) -> tuple[float, float]:
+    """(gamma, output unit) of a chunk score (see the module docstring): the GEMM's sum is off by
+    at most gamma * ||q|| * ||row||, and its rounding to a bfloat16 result by at most the output
+    unit times the score's size. gamma keeps 2^-20 to spare for the arithmetic that applies it."""
     unit = 2.0**-53 if dtype == torch.float64 else 2.0**-24
     terms = (2 * dim + 16) * unit
-    gamma = terms / (1 - terms)
-    if gemm_dtype == torch.bfloat16:
-        gamma += 2.0**-8 * (1 + gamma)
-    return gamma * (1 + 2.0**-20)
+    gamma = terms / (1 - terms) * (1 + 2.0**-20)
+    return gamma, 2.0**-8 * (1 + 2.0**-20) if gemm_dtype == torch.bfloat16 else 0.0
 
 
 def _tree_sum(x: torch.Tensor) -> torch.Tensor:
@@ -171,16 +177,18 @@ def _chunk_size(batch: int, score_dtype: torch.dtype, chunk_rows: int | None) ->
 
 
 class _Scorer:
-    """The chunk GEMM: ``score(start, n)`` returns the (B, n) scores of queue rows
-    [start, start + n), a view of one buffer that the next call overwrites; NaN is left in place."""
+    """The chunk GEMM: ``score(start, n)`` returns the (n, B) scores of queue rows
+    [start, start + n) against every query, a view of one buffer that the next call overwrites;
+    NaN is left in place. Rows by queries, not the transpose: MKL's and oneDNN's GEMMs ran about
+    8 % faster that way round at B=512, D=256 (one core, medians of 5)."""
 
     def __init__(self, zq, queue, stop, gemm_dtype, normalize_queue, chunk_rows):
         batch, dim = zq.shape
         self.chunk = min(_chunk_size(batch, gemm_dtype, chunk_rows), stop)
         self.lhs = zq.to(gemm_dtype)
         self.queue, self.normalize_queue = queue, normalize_queue
-        # One flat buffer: a short last chunk still gets a contiguous (B, n) view to write into.
-        self.scores = self.lhs.new_empty(batch * self.chunk)
+        # One flat buffer: a short last chunk still gets a contiguous (n, B) view to write into.
+        self.scores = self.lhs.new_empty(self.chunk * batch)
         convert = queue.dtype != gemm_dtype or normalize_queue
         self.rows_buf = self.lhs.new_empty((self.chunk, dim)) if convert else None
 
@@ -196,21 +204,46 @@ class _Scorer:
             inv_norm = torch.where(norm == 0, torch.zeros_like(norm), 1 / norm)
         elif self.rows_buf is not None:
             rows = self.rows_buf[:n].copy_(rows)
-        sims = self.scores[: self.lhs.shape[0] * n].view(-1, n)
-        torch.matmul(self.lhs, rows.T, out=sims)
+        sims = self.scores[: n * self.lhs.shape[0]].view(n, -1)
+        torch.matmul(rows, self.lhs.T, out=sims)
         if self.normalize_queue:
-            sims.mul_(inv_norm)
+            sims.mul_(inv_norm[:, None])
         return sims
 
 
-def _block_max(sims: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(B, n / blocks) maxima of the chunk's column blocks and the block length. Block b holds
-    columns b, b + nb, b + 2 nb, ...: reduced across rows of a (B, BLOCK, nb) view, which runs at
-    memory speed where a reduction over short contiguous blocks does not."""
-    batch, n = sims.shape
-    if n % BLOCK:
-        return sims.clone(), 1
-    return sims.view(batch, BLOCK, n // BLOCK).amax(dim=1), BLOCK
+def _blocks(n: int) -> int:
+    """How many blocks _block_max makes of n rows."""
+    return n // BLOCK + n % BLOCK
+
+
+def _block_max(sims: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The (blocks, B) maxima of the chunk's blocks of BLOCK consecutive rows, into ``out``
+    (reduced across the middle of a (n / BLOCK, BLOCK, B) view, at memory speed); rows past the
+    last full block are blocks of their own."""
+    n, batch = sims.shape
+    full = n - n % BLOCK
+    torch.amax(sims[:full].view(full // BLOCK, BLOCK, batch), dim=1, out=out[: full // BLOCK])
+    out[full // BLOCK :] = sims[full:]
+    return out
+
+
+def _block_rows(stop: int, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first row, length) of every block _block_max makes over rows [0, stop) in chunks."""
+
+    def pattern(n):
+        full = n - n % BLOCK
+        first = torch.cat([torch.arange(0, full, BLOCK, device=device), torch.arange(full, n, device=device)])
+        length = torch.where(first < full, BLOCK, 1)
+        return first, length
+
+    whole, rest = divmod(stop, chunk)
+    first, length = pattern(chunk)
+    first = (torch.arange(whole, device=device)[:, None] * chunk + first).reshape(-1)
+    length = length.repeat(whole)
+    if rest:
+        last_first, last_length = pattern(rest)
+        first, length = torch.cat([first, last_first + whole * chunk]), torch.cat([length, last_length])
+    return first, length
 
 
 def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
@@ -241,42 +274,64 @@ def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
     best_val = torch.full((batch, k), _NEG_INF, dtype=torch.float64, device=zq.device)
     best_idx = torch.full((batch, k), _NO_ROW, dtype=torch.int64, device=zq.device)
     for start in range(0, stop, scorer.chunk):
-        sims = scorer.score(start, min(scorer.chunk, stop - start))
+        sims = scorer.score(start, min(scorer.chunk, stop - start)).T
         _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx)
     return best_val, best_idx
 
 
+def _refilter(zq, queue, owner, cols, floor, dim):
+    """Which columns of the shortlisted blocks (``cols``, one row of BLOCK per block of query
+    ``owner``) can still reach ``floor`` minus this recomputation's own rounding bound: their
+    scores recomputed in the compute dtype by a batched matrix-vector product, cheaper than the
+    float64 re-scoring of a whole block (for a bfloat16 GEMM, whose rounding to bfloat16 made the
+    blocks' bound wide, it also narrows the shortlist to the float32 bound)."""
+    unit = 2.0**-53 if zq.dtype == torch.float64 else 2.0**-24
+    terms = (dim + 2) * unit
+    rows_norm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
+    keep = torch.empty(cols.shape, dtype=torch.bool, device=zq.device)
+    step = max(1, RESCORE_ELEMENTS // (cols.shape[1] * dim))
+    for s in range(0, cols.shape[0], step):
+        who, where = owner[s : s + step], cols[s : s + step]
+        rows = queue.index_select(0, where.reshape(-1)).view(*where.shape, dim).to(zq.dtype)
+        norms = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float64).nan_to_num_(nan=0.0)
+        scores = torch.bmm(rows, zq.index_select(0, who)[:, :, None]).squeeze(2).to(torch.float64)
+        slack = terms / (1 - terms) * rows_norm.index_select(0, who)[:, None] * norms * (1 + 2.0**-20)
+        # NaN scores rank as -inf: they reach only a floor of -inf.
+        scores = scores.nan_to_num_(nan=_NEG_INF)
+        keep[s : s + step] = (scores + slack >= floor.index_select(0, who)[:, None]) | torch.isneginf(floor.index_select(0, who))[:, None]
+    return keep
+
+
 def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
-    """The CPU's search (host reads are free): the maxima of column blocks of every chunk, then
-    one shortlist of every block that can hold one of a query's k best, re-scored in float64."""
+    """The CPU's search (host reads are free): per chunk only the GEMM, the maxima of its column
+    blocks and the rows' norms; then one shortlist of every block that can hold one of a query's
+    k best, re-scored in float64."""
     batch, dim = zq.shape
     device = zq.device
-    maxima, firsts, strides, lengths = [], [], [], []
+    starts = list(range(0, stop, scorer.chunk))
     # Row norms in the queue's dtype (a 16-bit norm, accumulated in float32 and rounded once, is
     # ten times cheaper than one asked for in float32; the bound allows for its rounding).
     norms = None if normalize_queue else queue.new_empty(stop)
-    starts = list(range(0, stop, scorer.chunk))
+    # One (blocks, B) buffer: each chunk's maxima are a contiguous slice of it.
+    offsets = [0]
     for start in starts:
+        offsets.append(offsets[-1] + _blocks(min(scorer.chunk, stop - start)))
+    block_max = scorer.lhs.new_empty((offsets[-1], batch))
+    for i, start in enumerate(starts):
         n = min(scorer.chunk, stop - start)
-        sims = scorer.score(start, n)
-        block_max, length = _block_max(sims)
-        maxima.append(block_max)
-        firsts.append(torch.arange(start, start + n // length, device=device))
-        strides.append(torch.full((n // length,), n // length, device=device))
-        lengths.append(torch.full((n // length,), length, device=device))
+        _block_max(scorer.score(start, n), block_max[offsets[i] : offsets[i + 1]])
         if norms is not None:
             torch.linalg.vector_norm(queue[start : start + n], dim=1, out=norms[start : start + n])
-    block_max = torch.cat(maxima, dim=1)
-    if bool(torch.isnan(block_max).any()):
-        # NaN ranks as -inf: rescored and cleaned only in the chunks that have some (amax
+    row_max = block_max.amax(dim=0)
+    if bool(torch.isnan(row_max).any()):
+        # NaN ranks as -inf: re-scored and cleaned only in the chunks that have some (amax
         # propagated it), so NaN-free data pays nothing.
         for i, start in enumerate(starts):
-            if bool(torch.isnan(maxima[i]).any()):
+            if bool(torch.isnan(block_max[offsets[i] : offsets[i + 1]]).any()):
                 sims = scorer.score(start, min(scorer.chunk, stop - start))
-                maxima[i] = _block_max(sims.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF))[0]
-        block_max = torch.cat(maxima, dim=1)
-    block_max = block_max.to(zq.dtype)
-    first, stride, length = torch.cat(firsts), torch.cat(strides), torch.cat(lengths)
+                sims.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+                _block_max(sims, block_max[offsets[i] : offsets[i + 1]])
+        row_max = block_max.amax(dim=0)
 
     # The bound on |computed - exact| per query: slack * ||q|| * R, R the largest finite row norm
     # (rows with Inf or NaN score exactly: inf arithmetic has no rounding).
@@ -288,38 +343,47 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
             # The norm's own rounding: float32's is within the slack, a 16-bit one is not.
             largest *= 1 + 2.0**-7
     qnorm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
-    bound = _slack(dim, zq.dtype, scorer.lhs.dtype) * qnorm * largest
+    gamma, out_unit = _slack(dim, zq.dtype, scorer.lhs.dtype)
+    cauchy_schwarz = qnorm * largest * (1 + gamma)  # no finite score is larger than this
     # The k-th largest block maximum is a lower bound on the k-th best computed score (k blocks
     # hold a score at least that large each); an exact k-th best lies within the bound of it, so
     # a row can be among the k best only if its computed score reaches `threshold`.
-    num_blocks = block_max.shape[1]
-    if num_blocks >= k:
-        kth = block_max.topk(k, dim=1).values[:, -1] if k > 1 else block_max.amax(dim=1)
-        threshold = kth.to(torch.float64) - 2 * bound
+    if k == 1:
+        kth = row_max.to(torch.float64)
+    elif block_max.shape[0] >= k:
+        kth = block_max.topk(k, dim=0).values[-1].to(torch.float64)
     else:
-        threshold = torch.full((batch,), _NEG_INF, dtype=torch.float64, device=device)
-    # Compared in the score dtype, rounded down so that nothing within the bound is lost.
+        kth = torch.full((batch,), _NEG_INF, dtype=torch.float64, device=device)
+    # A bfloat16 result's rounding scales with the score: only scores between the threshold and
+    # the best matter, and none of those exceeds `size`.
+    size = torch.minimum(torch.maximum(row_max.to(torch.float64).abs(), kth.abs()) + 2 * (gamma + out_unit) * cauchy_schwarz, cauchy_schwarz)
+    bound = gamma * qnorm * largest + out_unit / (1 - out_unit) * size
+    threshold = kth - 2 * bound
+    # Compared in the scores' dtype, rounded down so that nothing within the bound is lost.
     rounded = threshold.to(block_max.dtype)
-    rounded = torch.where(rounded.to(torch.float64) > threshold, torch.nextafter(rounded, rounded.new_tensor(_NEG_INF)), rounded)
+    too_high = rounded.to(torch.float64) > threshold
+    rounded = torch.where(too_high, torch.nextafter(rounded, torch.full_like(rounded, _NEG_INF)), rounded)
+    hit = block_max >= rounded
     # A query with fewer than k blocks above -inf (NaN scores, a NaN query): its -inf rows rank by
-    # index, so the first k * (BLOCK + 1) rows hold its k lowest -inf rows whatever the k - 1
-    # finite blocks take.
+    # index, so the first k * (BLOCK + 1) rows hold its k lowest -inf rows whatever its at most
+    # k - 1 other blocks take.
     no_floor = torch.isneginf(rounded)
-    hit = block_max >= rounded[:, None]
-    if bool(no_floor.any()):
-        hit &= ~(no_floor[:, None] & torch.isneginf(block_max))
-    owner, block = hit.nonzero(as_tuple=True)
-    offsets = torch.arange(BLOCK, device=device)
-    cols = first.index_select(0, block)[:, None] + stride.index_select(0, block)[:, None] * offsets
-    real = offsets < length.index_select(0, block)[:, None]
-    owner = owner[:, None].expand_as(cols)[real]
-    cols = cols[real]
     floorless = no_floor.nonzero().squeeze(1)
+    if floorless.numel():
+        hit &= ~(no_floor & torch.isneginf(block_max))
+    block, owner = hit.nonzero(as_tuple=True)
+    first, length = _block_rows(stop, scorer.chunk, device)
+    offsets = torch.arange(BLOCK, device=device)
+    cols = first.index_select(0, block)[:, None] + offsets
+    keep = offsets < length.index_select(0, block)[:, None]
+    if not normalize_queue:
+        keep &= _refilter(zq, queue, owner, cols.clamp(max=stop - 1), threshold + bound, dim)
+    owner, cols = owner[:, None].expand_as(cols)[keep], cols[keep]
     if floorless.numel():
         head = torch.arange(min(stop, k * (BLOCK + 1)), device=device)
         owner = torch.cat([owner, floorless.repeat_interleave(head.numel())])
         cols = torch.cat([cols, head.repeat(floorless.numel())])
-    # One entry per (query, row), ordered by query then row.
+    # One entry per (query, row), ordered by query then row, as _merge wants them.
     key = torch.unique(owner * stop + cols)
     owner, cols = key // stop, key % stop
     scores = _rescore(zq, queue, normalize_queue, owner, cols)
@@ -330,8 +394,7 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
     cand_idx = torch.full((batch, width), _NO_ROW, dtype=torch.int64, device=device)
     cand_val[owner, slot] = scores
     cand_idx[owner, slot] = cols
-    empty = cand_val[:, :0]
-    return _merge(empty, cand_idx[:, :0], cand_val, cand_idx, k)
+    return _merge(cand_val[:, :0], cand_idx[:, :0], cand_val, cand_idx, k)
 
 
 def _top_computed_chunk(zq, queue, normalize_queue, k, start, sims, limit, best_val, best_idx):

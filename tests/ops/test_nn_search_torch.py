@@ -507,3 +507,19 @@ def test_lookup_and_topk_without_host_reads(monkeypatch, chunk_rows):
         assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
         monkeypatch.setattr(nn_search_torch, "_host_reads_free", lambda device: False)
         forbid_host_reads(monkeypatch)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_queue_with_and_without_a_native_bfloat16_gemm(monkeypatch, native):
+    # The bfloat16 GEMM (results rounded to bfloat16) and the float32 GEMM of upcast rows only
+    # shortlist: both give the oracle's exact choice and scores.
+    monkeypatch.setattr(nn_search_torch, "_native_bfloat16", lambda: native)
+    z, queue = tied_inputs(torch.bfloat16)
+    z = z[:200]
+    _, idx = torch_nn_lookup(z, queue, ieee=False, chunk_rows=128)
+    assert (idx == 3).all()
+    z, queue = inputs(30, 1000, 40, torch.bfloat16)
+    vals, top = torch_nn_topk(z, queue, 6, ieee=False, chunk_rows=128)
+    ref_vals, ref_top = reference_nn_topk(z, queue, 6, precision="default")
+    assert torch.equal(top, ref_top)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-7, rtol=0)
