@@ -23,11 +23,11 @@ rows that can still reach it are re-scored in float64 from the same operands (th
 exact there, and every pair is summed in one fixed order), and the k best re-scored rows win,
 ties to the lowest index. So the answer is the exact top-k of the operands (up to float64
 rounding), identical rows tie exactly, and the returned scores are the float64 ones rounded to
-float32. The bound per query is ``gamma(2D + 16) * ||q|| * R`` with ``R`` the largest row norm
-(1 under ``normalize_queue``) and ``gamma(n) = n u / (1 - n u)`` (a dot product of length D is
-off by at most gamma(D) * sum |q_i r_i|; the rest covers the norms and the division), plus
-2^-8 of the scores' size where the GEMM writes bfloat16. Rows of norm beyond float32's range
-(entries near 1e38 with ``normalize_queue=False``) get no bound: their computed scores decide.
+float32. The bound per query is ``gamma(2D + 16) * ||q|| * R`` with ``R`` the largest norm of a
+finite row (1 under ``normalize_queue``; rows holding Inf or NaN score exactly, inf arithmetic
+has no rounding) and ``gamma(n) = n u / (1 - n u)`` (a dot product of length D is off by at most
+gamma(D) * sum |q_i r_i|; the rest covers the norms and the division), plus 2^-8 of the scores'
+size where the GEMM writes bfloat16.
 
 Devices other than the CPU must not read device memory on the host (CUDA graph capture; see
 ``_host_reads_free``): there each query re-scores the ``k + SYNC_FREE_EXTRA`` best computed rows
@@ -338,10 +338,18 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
     if norms is None:
         largest = 1.0
     else:
-        largest = float(torch.where(torch.isfinite(norms), norms, torch.zeros_like(norms)).amax())
+        finite = torch.isfinite(norms)
+        largest = float(torch.where(finite, norms, torch.zeros_like(norms)).amax())
         if norms.dtype != torch.float64:
             # The norm's own rounding: float32's is within the slack, a 16-bit one is not.
             largest *= 1 + 2.0**-7
+        overflowed = (~finite).nonzero().squeeze(1)
+        if overflowed.numel():
+            # A finite row whose squares overflowed (entries beyond ~1e19): its norm in float64.
+            rows = queue.index_select(0, overflowed).double()
+            rows = rows[torch.isfinite(rows).all(dim=1)]
+            if rows.shape[0]:
+                largest = max(largest, float(torch.linalg.vector_norm(rows, dim=1).amax()))
     qnorm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
     gamma, out_unit = _slack(dim, zq.dtype, scorer.lhs.dtype)
     cauchy_schwarz = qnorm * largest * (1 + gamma)  # no finite score is larger than this
