@@ -60,9 +60,9 @@ SCORE_BLOCK_BYTES = 4 << 20
 MIN_CHUNK_ROWS = 1024
 DEFAULT_CHUNK_ROWS = None  # None: sized from SCORE_BLOCK_BYTES
 
-# Columns per block whose maximum every chunk records (see _block_max): the shortlist is every
-# column of the blocks whose maximum reaches the bound, so smaller blocks re-score fewer rows and
-# record more maxima (B * K / BLOCK of them).
+# Queue rows per block whose maximum every chunk records (see _block_max): the shortlist is the
+# blocks whose maximum reaches the bound, so smaller blocks recompute fewer rows and record more
+# maxima (B * K / BLOCK of them).
 BLOCK = 16
 
 # Without host reads (see the module docstring): computed candidates re-scored per query, chunk
@@ -280,11 +280,12 @@ def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
 
 
 def _refilter(zq, queue, owner, cols, floor, dim):
-    """Which columns of the shortlisted blocks (``cols``, one row of BLOCK per block of query
-    ``owner``) can still reach ``floor`` minus this recomputation's own rounding bound: their
-    scores recomputed in the compute dtype by a batched matrix-vector product, cheaper than the
-    float64 re-scoring of a whole block (for a bfloat16 GEMM, whose rounding to bfloat16 made the
-    blocks' bound wide, it also narrows the shortlist to the float32 bound)."""
+    """Which queue rows of the shortlisted blocks (``cols``: the BLOCK rows of a block per line,
+    the block shortlisted for query ``owner``) can still reach ``floor`` within this
+    recomputation's own rounding bound: their scores recomputed in the compute dtype by a batched
+    matrix-vector product, cheaper than the float64 re-scoring of whole blocks (after a bfloat16
+    GEMM, whose rounding of the scores made the blocks' bound wide, it also narrows the shortlist
+    to a float32 bound)."""
     unit = 2.0**-53 if zq.dtype == torch.float64 else 2.0**-24
     terms = (dim + 2) * unit
     rows_norm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
@@ -303,9 +304,9 @@ def _refilter(zq, queue, owner, cols, floor, dim):
 
 
 def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
-    """The CPU's search (host reads are free): per chunk only the GEMM, the maxima of its column
-    blocks and the rows' norms; then one shortlist of every block that can hold one of a query's
-    k best, re-scored in float64."""
+    """The CPU's search (host reads are free): per chunk only the GEMM, the maxima of its blocks
+    of rows and the rows' norms; then one shortlist of every block that can hold one of a
+    query's k best, refiltered, and re-scored in float64."""
     batch, dim = zq.shape
     device = zq.device
     starts = list(range(0, stop, scorer.chunk))
