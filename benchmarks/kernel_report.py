@@ -213,7 +213,7 @@ def current_spec(mod, cfg, z, q, ieee, dim, topk=1, lookup=True, use_tma=True, n
         "valid_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "counter_ptr": "*i32",
         "out_ptr": "*" + _TRITON_TY[z], "out_idx_ptr": "*i64", "out_val_ptr": "*fp32",
         "B": "i32", "K": "i32", "D": "i32", "stride_zb": "i32", "stride_zd": "i32", "stride_qk": "i32",
-        "stride_qd": "i32", "stride_ob": "i32", "stride_od": "i32", "eps": "fp32",
+        "stride_qd": "i32", "stride_ob": "i32", "stride_od": "i32",
     }
     const = dict(
         stride_zd=1, stride_qd=1, stride_od=1, HAS_VALID=True, NORMALIZE_QUEUE=normalize_queue, TOPK=topk,

@@ -6,12 +6,13 @@
 // CUDA kernel, and nnclr_fast/ops/enqueue.py serves CUDA tensors with its PyTorch fallback.
 //
 // Semantics (nnclr_fast.ops.reference.reference_enqueue is the executable definition):
-//   row i of x is normalised in float32 as F.normalize(x.float(), dim=1, eps=1e-12), cast to
-//   bank's dtype and written at (ptr + i) % K; then ptr = (ptr + B) % K and
-//   count = min(count + B, K). With B > K rows i and i + K land on the same slot and the later
-//   one wins, so the bank ends up holding the last K rows of x.
+//   row i of x, taken as float32, is normalised as the search contract says (v / ||v|| with no
+//   overflow, underflow or eps: unit length for every finite non-zero row, an all-zero row stays
+//   zero, a row holding NaN or Inf becomes all NaN), rounded to float32, cast to bank's dtype and
+//   written at (ptr + i) % K; then ptr = (ptr + B) % K and count = min(count + B, K). With B > K
+//   rows i and i + K land on the same slot and the later one wins, so the bank ends up holding
+//   the last K rows of x.
 
-#include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -23,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace nnclr_fast {
 
@@ -97,22 +99,30 @@ void enqueue_rows_cpu(const at::Tensor& bank, const at::Tensor& x, int64_t p) {
   const int64_t bank_s0 = bank.stride(0), bank_s1 = bank.stride(1);
   const int64_t x_s0 = x.stride(0), x_s1 = x.stride(1);
 
-  // A double sum of squares keeps the norm accurate whatever D is; the rows agree with
-  // F.normalize to a couple of float32 ulps (its vectorised reduction sums in another order).
-  using acc_t = at::acc_type<float, /*is_cuda=*/false>;
+  // In double, the square of any float32 value and the sum of D of them can neither overflow
+  // nor underflow: that is the contract's overflow-free norm without a scaling pass. The quotient
+  // is rounded to float32, then to bank_t, as the reference does.
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / dim);
   at::parallel_for(first, batch, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const x_t* src = x_data + row * x_s0;
-      acc_t sum_sq = 0;
+      double sum_sq = 0;
       for (int64_t j = 0; j < dim; ++j) {
-        const acc_t v = static_cast<float>(src[j * x_s1]);
+        const double v = static_cast<float>(src[j * x_s1]);
         sum_sq += v * v;
       }
-      const float denom = std::max(static_cast<float>(std::sqrt(sum_sq)), 1e-12f);
+      const double norm = std::sqrt(sum_sq);
       bank_t* dst = bank_data + ((p + row) % num_slots) * bank_s0;
       for (int64_t j = 0; j < dim; ++j) {
-        dst[j * bank_s1] = static_cast<bank_t>(static_cast<float>(src[j * x_s1]) / denom);
+        float value;
+        if (!std::isfinite(norm)) {
+          value = std::numeric_limits<float>::quiet_NaN();
+        } else if (norm == 0) {
+          value = 0.f;
+        } else {
+          value = static_cast<float>(static_cast<float>(src[j * x_s1]) / norm);
+        }
+        dst[j * bank_s1] = static_cast<bank_t>(value);
       }
     }
   });

@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cub/block/block_reduce.cuh>
+#include <math_constants.h>
 
 #include <algorithm>
 #include <limits>
@@ -59,25 +60,36 @@ __global__ void __launch_bounds__(kThreads) enqueue_rows_kernel(
   const int64_t row = first_row + blockIdx.x;
   const x_t* src = x + row * x_s0;
 
-  float sum_sq = 0.f;
+  // The CPU kernel's arithmetic (see ../enqueue.cpp): in double the squares of float32 values
+  // and their sum can neither overflow nor underflow, so the norm needs no eps and no scaling
+  // pass. A block handles one row of at most a few thousand entries: the double work is small.
+  double sum_sq = 0.0;
   for (int64_t j = threadIdx.x; j < dim; j += kThreads) {
-    const float v = static_cast<float>(src[j * x_s1]);
+    const double v = static_cast<float>(src[j * x_s1]);
     sum_sq += v * v;
   }
-  using BlockReduce = cub::BlockReduce<float, kThreads>;
+  using BlockReduce = cub::BlockReduce<double, kThreads>;
   __shared__ typename BlockReduce::TempStorage temp;
-  __shared__ float denom_shared;
-  const float total = BlockReduce(temp).Sum(sum_sq);
+  __shared__ double norm_shared;
+  const double total = BlockReduce(temp).Sum(sum_sq);
   if (threadIdx.x == 0) {
-    // Same clamp as F.normalize (eps = 1e-12): an all-zero row stays zero.
-    denom_shared = fmaxf(sqrtf(total), 1e-12f);
+    norm_shared = sqrt(total);
   }
   __syncthreads();
-  const float denom = denom_shared;
+  const double norm = norm_shared;
 
   bank_t* dst = bank + ((p + row) % num_slots) * bank_s0;
   for (int64_t j = threadIdx.x; j < dim; j += kThreads) {
-    dst[j * bank_s1] = static_cast<bank_t>(static_cast<float>(src[j * x_s1]) / denom);
+    float value;
+    if (!isfinite(norm)) {
+      // NaN or Inf in the row: all NaN.
+      value = CUDART_NAN_F;
+    } else if (norm == 0.0) {
+      value = 0.f;
+    } else {
+      value = static_cast<float>(static_cast<float>(src[j * x_s1]) / norm);
+    }
+    dst[j * bank_s1] = static_cast<bank_t>(value);
   }
 }
 

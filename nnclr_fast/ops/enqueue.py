@@ -15,10 +15,9 @@ import threading
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from nnclr_fast.ops import extension
-from nnclr_fast.ops.common import FLOAT_DTYPES
+from nnclr_fast.ops.common import FLOAT_DTYPES, normalize_rows
 
 OP_NAME = extension.OP_NAME
 SCHEMA = "enqueue_(Tensor(a!) bank, Tensor(b!) ptr, Tensor(c!) count, Tensor x) -> ()"
@@ -55,6 +54,24 @@ def _check_args(bank, ptr, count, x) -> None:
             raise ValueError(f"enqueue_: {name} must be on bank's device ({bank.device}), got {t.device}")
 
 
+def _check_state(ptr: torch.Tensor, count: torch.Tensor, num_slots: int) -> None:
+    """The C++ op's range checks on ``ptr`` / ``count``, with its messages: read on the host
+    where that is free (the CPU), asserted on the device elsewhere (as the CUDA kernel does: no
+    host sync, a failure surfaces as a device-side assertion)."""
+    ptr_ok = (ptr >= 0) & (ptr < num_slots)
+    count_ok = (count >= 0) & (count <= num_slots)
+    ptr_msg = f"enqueue_: ptr must be in [0, K) = [0, {num_slots})"
+    count_msg = f"enqueue_: count must be in [0, K] = [0, {num_slots}]"
+    if ptr.device.type == "cpu":
+        if not bool(ptr_ok):
+            raise ValueError(f"{ptr_msg}, got {int(ptr)} (corrupted queue state?)")
+        if not bool(count_ok):
+            raise ValueError(f"{count_msg}, got {int(count)} (corrupted queue state?)")
+    else:
+        torch._assert_async(ptr_ok, ptr_msg)
+        torch._assert_async(count_ok, count_msg)
+
+
 def enqueue_torch(bank: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, x: torch.Tensor) -> None:
     """The enqueue op in plain PyTorch: same semantics and checks as the C++/CUDA kernels.
 
@@ -63,11 +80,13 @@ def enqueue_torch(bank: torch.Tensor, ptr: torch.Tensor, count: torch.Tensor, x:
     """
     _check_args(bank, ptr, count, x)
     num_slots, batch = bank.shape[0], x.shape[0]
+    _check_state(ptr, count, num_slots)
     if batch == 0:
         return
     # Only the last num_slots rows survive a batch larger than the bank; each slot is written once.
     first = max(0, batch - num_slots)
-    rows = F.normalize(x[first:].float(), dim=1).to(bank.dtype)
+    # In float64 and rounded once to float32, as the C++ kernels and the reference do.
+    rows = normalize_rows(x[first:].float().double()).float().to(bank.dtype)
     slots = (ptr + first + torch.arange(batch - first, device=bank.device)) % num_slots
     bank.index_copy_(0, slots, rows)
     ptr.copy_((ptr + batch % num_slots) % num_slots)

@@ -18,26 +18,27 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import torch.nn.functional as F
-
-from nnclr_fast.ops.common import FLOAT_DTYPES, NORMALIZE_EPS, compute_dtype, int_in_range
+from nnclr_fast.ops.common import FLOAT_DTYPES, compute_dtype, int_in_range, normalize_rows, row_norms
 from nnclr_fast.ops.nn_search_plan import MAX_KERNEL_TOPK
 from nnclr_fast.ops.nn_search_torch import torch_nn_lookup, torch_nn_topk
 
 PRECISIONS = ("default", "ieee")
 
 def normalize_backward(z: Tensor, grad: Tensor) -> Tensor:
-    """Vector-Jacobian product of ``F.normalize(z.float(), dim=1)`` at ``z``, in z's dtype: the
-    straight-through gradient, d/dz of ``F.normalize(z) + (nn - F.normalize(z)).detach()``."""
+    """Vector-Jacobian product of the normalisation ``z / ||z||`` (``common.normalize_rows``) at
+    ``z``, in z's dtype: the straight-through gradient, d/dz of ``zn + (nn - zn).detach()``.
+
+    The Jacobian is ``(I - y y^T) / ||z||`` with ``y = z / ||z||``; the division goes through the
+    scaled norm, so rows of norm 1e-30 or 1e30 get their exact gradient without overflow. An
+    all-zero row, where the map has no derivative, gets a zero gradient.
+    """
     zc = z.to(compute_dtype(z))
-    norm = zc.norm(dim=1, keepdim=True)
-    denom = norm.clamp_min(NORMALIZE_EPS)
-    y = zc / denom
+    scale, ratio = row_norms(zc)
+    safe_ratio = torch.where(ratio == 0, torch.ones_like(ratio), ratio)
+    y = zc / scale / safe_ratio
     g = grad.to(zc.dtype)
-    # Above eps the Jacobian is (I - y y^T) / ||z||; at or below eps F.normalize divides by the
-    # constant eps, whose Jacobian is I / eps.
     projected = g - y * (y * g).sum(dim=1, keepdim=True)
-    grad_z = torch.where(norm > NORMALIZE_EPS, projected, g) / denom
+    grad_z = torch.where(ratio == 0, torch.zeros_like(projected), projected / scale / safe_ratio)
     return grad_z.to(z.dtype)
 
 
@@ -118,11 +119,12 @@ def _nn_topk_setup_context(ctx, inputs, output):
 def _nn_topk_backward(ctx, grad_values, grad_idx):
     # scores[b, j] = <normalize(z_b), row(idx[b, j])>, so d/d normalize(z_b) = sum_j g_bj row(idx_bj),
     # where row is the queue row (normalised when normalize_queue); unfilled slots (-1) add nothing.
+    # The gradient is that of the exact scores, not of their rounding on a given path.
     z, queue, indices = ctx.saved_tensors
     filled = indices >= 0
     rows = queue.index_select(0, indices.clamp_min(0).reshape(-1)).reshape(*indices.shape, -1).to(grad_values.dtype)
     if ctx.normalize_queue:
-        rows = F.normalize(rows, dim=-1, eps=NORMALIZE_EPS)
+        rows = normalize_rows(rows.flatten(0, 1)).view_as(rows)
     grad_normalized = torch.einsum("bk,bkd->bd", grad_values * filled, rows)
     return normalize_backward(z, grad_normalized), None, None, None, None, None
 
@@ -197,6 +199,20 @@ def nn_lookup(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Replace every row of ``z`` by its nearest neighbour in ``queue`` (cosine similarity).
 
+    The contract in full (normalisation, scores per precision and path, NaN, ties) is written
+    out in ``nnclr_fast.ops.reference``, the test oracle; in short:
+
+    * a row ``v`` is normalised as ``v / ||v||`` with the norm computed without overflow or
+      underflow and no eps: every finite non-zero row becomes a unit vector whatever its scale
+      (1e-30 or 1e30 alike), an all-zero row stays zero (it scores 0 against every row), a row
+      holding NaN or Inf becomes all NaN;
+    * a NaN score ranks as -inf (below every number, equal to -inf), so a NaN row is returned
+      only when no searchable row scores above -inf, and a query whose scores are all NaN gets
+      the lowest searchable row;
+    * ties go to the lowest index: on the PyTorch path (CPU tensors) among exact (float64
+      re-scored) scores, so identical rows always tie; in the fused kernel among its float32
+      scores, which identical rows share.
+
     Args:
         z: (B, D) queries (projections), float32/bfloat16/float16. Normalised internally.
         queue: (K, D) support set. By default its rows are taken to be L2-normalised (as
@@ -204,20 +220,23 @@ def nn_lookup(
             normalised query: rows of another length would rank by length as well as by angle.
         valid: search only rows ``[0, valid)``: an int in [1, K], or a 0-dim integer tensor on
             the queue's device, read on the device (no host sync) and clamped to [0, K] there.
-            A query with no searchable row (a tensor ``valid`` of 0) gets index -1 and, as its
-            "neighbour", ``F.normalize(z)`` itself.
+            Values past 2^31 are clamped in 64 bits (they search every row). A query with no
+            searchable row (a tensor ``valid`` of 0) gets index -1 and, as its "neighbour",
+            its own normalised self.
         normalize_queue: score a bank of raw, un-normalised rows (as lightly keeps them) by
-            cosine similarity: each row's score is divided by its norm, computed on the fly
-            (no normalised copy of the bank). The row returned is the stored, raw one.
+            cosine similarity: each row's score is divided by its norm (computed on the fly,
+            without overflow: rows of norm 1e-30 to 1e30 score their cosine; no normalised
+            copy of the bank). The row returned is the stored, raw one.
         straight_through: if True (default) the gradient w.r.t. z is that of
-            ``F.normalize(z) + (nn - F.normalize(z)).detach()``; if False z gets no gradient
-            (the paper's stop-gradient). The queue never receives a gradient.
-        precision: "default" uses tensor cores (TF32 for a float32 queue, the queue's own dtype
-            for bfloat16/float16 queues); "ieee" computes exact float32 similarities.
+            ``zn + (nn - zn).detach()`` with ``zn = z / ||z||`` (zero for an all-zero row); if
+            False z gets no gradient (the paper's stop-gradient). The queue never receives a
+            gradient.
+        precision: "default": the normalised query is rounded (to nearest even) to a
+            bfloat16/float16 queue's dtype, as tensor cores take it, and a float32 queue is
+            scored in TF32 by the kernel on a GPU; "ieee": float32 operands throughout.
         return_indices: also return the (B,) int64 indices of the chosen rows.
-        check_finite: raise if z or queue holds NaN/Inf (syncs the host, so off by default).
-            Unchecked NaN similarities rank below every real one; a query with no finite
-            similarity (e.g. a NaN row of z) gets the lowest searchable row.
+        check_finite: raise if z or queue holds NaN/Inf (syncs the host, so off by default);
+            unchecked, the NaN rule above applies.
 
     Returns:
         (B, D) nearest rows in z's dtype, and optionally their indices.
@@ -244,10 +263,13 @@ def nn_topk(
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` most similar queue rows of every query, best first.
 
-    Same search semantics and arguments as :func:`nn_lookup`. Returns (B, k) float32 cosine
-    similarities and (B, k) int64 indices; ties go to the lowest index. A slot that no
+    Same search semantics (normalisation, NaN rule, ties) and arguments as :func:`nn_lookup`.
+    Returns (B, k) float32 cosine similarities (float64 for float64 inputs), ordered by score
+    then index, and (B, k) int64 indices. A NaN score is returned as -inf. A slot that no
     searchable row can fill (a tensor ``valid`` below k) holds index -1 and score -inf. The
-    similarities are differentiable w.r.t. ``z`` (exact gradient of <normalize(z), row>).
+    similarities are differentiable w.r.t. ``z``: the exact gradient of
+    ``<z / ||z||, row>`` (row normalised under ``normalize_queue``), whatever rounding the
+    scores went through; an all-zero query row gets a zero gradient.
     """
     queue, valid_tensor, searchable = _check_inputs(z, queue, valid, precision, check_finite)
     k = int_in_range("k", k, searchable, "the searchable rows", "an int")

@@ -17,7 +17,9 @@ the chosen config (SMs x CTAs per SM), so no program waits for a second wave:
 
 Ordering contract (nnclr_fast.ops.reference): higher score first, NaN scores rank as -inf (but the
 row stays a candidate), ties go to the lowest queue index, rows at or past `valid` never appear,
-and a slot no searchable row can fill holds index -1 and score -inf.
+and a slot no searchable row can fill holds index -1 and score -inf. Rows are normalised as the
+contract says (`_norm_step`: scaled by a power of two, no overflow, no eps), and every narrowing
+cast rounds to nearest even (`_round_to`), on a GPU and under the interpreter alike.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from nnclr_fast.ops.common import NORMALIZE_EPS
 from nnclr_fast.ops.nn_search_plan import INTERPRETER, DeviceSpec, SearchProblem, TensorDescriptor, plan_search
 
 # Index of "no candidate": above every real index, so it loses every tie, and reported as -1.
@@ -60,6 +61,52 @@ def interpreter_incompatibility(triton_version: str, numpy_version: str) -> str 
             "install 'numpy<2.4' or Triton >= 3.7"
         )
     return None
+
+
+@triton.jit
+def _pow2(e):
+    """2^e, exactly, for an integer tensor e in [-126, 127]."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _norm_step(v, exp_run, sq_run):
+    """Add a D-chunk ``v`` (float32, one row per line) to each row's running norm state.
+
+    The state is (E, S): E the largest biased float32 exponent seen (at most 253) and S the sum of
+    squares of the row scaled by 2^(127 - E), which puts its largest entry in [1, 4): no
+    overflow for any finite row and no underflow that matters. ||row|| = sqrt(S) / 2^(127 - E).
+    All scalings are powers of two, so they are exact. Start from (0, 0).
+    """
+    big = tl.max(tl.abs(v), axis=1)
+    exp_new = tl.maximum(exp_run, tl.minimum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253))
+    # Old entries shrink by 2^(E_old - E_new); below 2^-126 their squares vanish anyway.
+    shrink = _pow2(tl.maximum(exp_run - exp_new, -126))
+    scaled = v * _pow2(127 - exp_new)[:, None]
+    return exp_new, sq_run * (shrink * shrink) + tl.sum(scaled * scaled, axis=1)
+
+
+@triton.jit
+def _norm_factors(exp_run, sq_run):
+    """(scale, inv): ``row * scale * inv`` is row / ||row||. An all-zero row gets inv 0 (it stays
+    zero); a row holding Inf gets NaN (so does one holding NaN, through S)."""
+    inv = 1.0 / tl.sqrt(tl.where(sq_run == 0, 1.0, sq_run))
+    inv = tl.where(sq_run == 0, 0.0, tl.where(sq_run == float("inf"), float("nan"), inv))
+    return _pow2(127 - exp_run), inv
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to nearest even in ``dtype``. A GPU's float32 -> bfloat16 cast rounds,
+    the interpreter's truncates: the bit arithmetic gives the GPU's answer everywhere (float16
+    casts already round to nearest even on both)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        # The carry could turn a NaN with a small payload into Inf: NaN gets the quiet NaN.
+        bits = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -114,7 +161,6 @@ def _nn_search_kernel(
     stride_qd,
     stride_ob,
     stride_od,
-    eps,
     HAS_VALID: tl.constexpr,
     NORMALIZE_QUEUE: tl.constexpr,
     TOPK: tl.constexpr,
@@ -145,29 +191,29 @@ def _nn_search_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     z_rows = z_ptr + rows_b.to(tl.int64)[:, None] * stride_zb
 
-    # Inverse L2 norm of each query, clamped like F.normalize, in D-chunks so no more than one
-    # chunk of float32 queries is live. The queries are normalised before the dot (then rounded to
-    # the operand dtype, as the contract says), so scores are cosines with no per-score scaling.
+    # The norm of each query (the contract's: no overflow, no eps), in D-chunks so no more than
+    # one chunk of float32 queries is live. The queries are normalised before the dot (then
+    # rounded to the operand dtype, as the contract says), so scores are cosines with no
+    # per-score scaling.
     offs_c = tl.arange(0, NORM_D)
-    sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+    z_exp = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    z_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
     for d0 in range(0, D, NORM_D):
         d = d0 + offs_c
         zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & (d[None, :] < D), other=0.0)
-        zc = zc.to(tl.float32)
-        sq += tl.sum(zc * zc, axis=1)
-    inv_zn = 1.0 / tl.maximum(tl.sqrt(sq), eps)
+        z_exp, z_sq = _norm_step(zc.to(tl.float32), z_exp, z_sq)
+    z_scale, z_inv = _norm_factors(z_exp, z_sq)
     if D_RESIDENT:
         zr = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=mask_b[:, None] & (offs_d[None, :] < D), other=0.0)
-        zr = zr.to(tl.float32) * inv_zn[:, None]
+        zr = _round_to(zr.to(tl.float32) * z_scale[:, None] * z_inv[:, None], dot_ty)
         if UPCAST_DOT:
-            zr = zr.to(dot_ty).to(tl.float32)
-        else:
-            zr = zr.to(dot_ty)
+            zr = zr.to(tl.float32)
 
     stop = K
     if HAS_VALID:
         # Clamped on the device: a bad count can never read outside the queue, and 0 searches nothing.
-        stop = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int32), 0), K)
+        # In 64 bits: a count of 2^31 or 2^32 + 1 must search every row, not none or one.
+        stop = tl.minimum(tl.maximum(tl.load(valid_ptr).to(tl.int64), 0), K).to(tl.int32)
     # The searchable rows are dealt out in whole tiles, so no tile straddles two splits.
     split_rows = tl.cdiv(tl.cdiv(stop, BLOCK_K), num_splits) * BLOCK_K
     start = pid_s * split_rows
@@ -203,23 +249,22 @@ def _nn_search_kernel(
             else:
                 acc = tl.dot(zr, tl.trans(q), input_precision="tf32")
             if NORMALIZE_QUEUE:
-                qf = q.to(tl.float32)
-                q_sq = tl.sum(qf * qf, axis=1)
+                q_exp, q_sq = _norm_step(q.to(tl.float32), tl.zeros((BLOCK_K,), dtype=tl.int32), tl.zeros((BLOCK_K,), dtype=tl.float32))
         else:
             acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+            q_exp = tl.zeros((BLOCK_K,), dtype=tl.int32)
             q_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + offs_d
                 mask_d = d < D
                 zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-                zc = (zc.to(tl.float32) * inv_zn[:, None]).to(dot_ty)
+                zc = _round_to(zc.to(tl.float32) * z_scale[:, None] * z_inv[:, None], dot_ty)
                 if USE_TMA:
                     q = q_desc.load([k0, d0])
                 else:
                     q = tl.load(q_rows + d[None, :] * stride_qd, mask=in_slice[:, None] & mask_d[None, :], other=0.0)
                 if NORMALIZE_QUEUE:
-                    qf = q.to(tl.float32)
-                    q_sq += tl.sum(qf * qf, axis=1)
+                    q_exp, q_sq = _norm_step(q.to(tl.float32), q_exp, q_sq)
                 if IEEE:
                     acc = tl.dot(zc, tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
                 elif UPCAST_DOT:
@@ -231,7 +276,9 @@ def _nn_search_kernel(
         col_bias = tl.where(in_slice, 0.0, float("-inf"))
         cols = tl.where(in_slice, rows_k, SENTINEL)
         if NORMALIZE_QUEUE:
-            acc = acc * (1.0 / tl.maximum(tl.sqrt(q_sq), eps))[None, :] + col_bias[None, :]
+            # Two factors, not their product: scale * inv overflows for rows of subnormal entries.
+            q_scale, q_inv = _norm_factors(q_exp, q_sq)
+            acc = acc * q_scale[None, :] * q_inv[None, :] + col_bias[None, :]
         else:
             acc = acc + col_bias[None, :]
         # max.f32 returns the non-NaN operand: NaN scores become -inf in one instruction.
@@ -284,8 +331,9 @@ def _nn_search_kernel(
                 m = mask_b[:, None] & (d[None, :] < D)
                 row = tl.load(src + d[None, :] * stride_qd, mask=m & found[:, None], other=0.0)
                 own = tl.load(z_rows + d[None, :] * stride_zd, mask=m & ~found[:, None], other=0.0)
-                own = own.to(tl.float32) * inv_zn[:, None]
-                v = tl.where(found[:, None], row.to(out_ptr.dtype.element_ty), own.to(out_ptr.dtype.element_ty))
+                own = own.to(tl.float32) * z_scale[:, None] * z_inv[:, None]
+                out_ty: tl.constexpr = out_ptr.dtype.element_ty
+                v = tl.where(found[:, None], _round_to(row.to(tl.float32), out_ty), _round_to(own, out_ty))
                 tl.store(dst + d[None, :] * stride_od, v, mask=m)
         elif TOPK == 1:
             tl.store(out_val_ptr + rows_b, fin_val, mask=mask_b)
@@ -357,7 +405,6 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
         queue.stride(1),
         out.stride(0),
         out.stride(1),
-        NORMALIZE_EPS,
         **dict(plan.constexprs),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,

@@ -25,6 +25,16 @@ class SupportQueue(nn.Module):
     * ``count`` (0-dim int64): how many slots hold data (rows ``[0, count)``, since the queue
       fills from slot 0 and only wraps once full).
 
+    So ``0 <= ptr < size``, ``0 <= count <= size``, and ``ptr == count`` until the queue is full:
+    ``load_state_dict`` checks exactly that (and the buffers' shapes and dtypes) before changing
+    anything, and raises a ValueError naming the key, so a corrupted checkpoint can never make a
+    lookup search never-filled rows.
+
+    Rows are stored normalised as the search contract says (``nnclr_fast.ops.reference``): unit
+    length for every finite non-zero row whatever its scale, an all-zero row stays zero, a row
+    holding NaN or Inf is stored as all NaN (a NaN row scores NaN, which ranks as -inf: it is
+    returned only to a query that scores no row above -inf).
+
     The bank starts as zeros, not random unit vectors as in some implementations: ``lookup``
     searches only the ``count`` filled rows, so an early query can never be paired with a random
     vector that is no embedding at all, and while the queue is empty the lookup returns the
@@ -67,6 +77,10 @@ class SupportQueue(nn.Module):
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, dtype={self.bank.dtype}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _check_state(state_dict, prefix, self.size, self.dim, self.bank.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def enqueue(self, x: Tensor) -> None:
@@ -159,8 +173,8 @@ class NNMemoryBankModule(nn.Module):
       batch size);
     * the bank starts empty, not as random vectors: only filled rows are searched, and while it
       is empty the query itself (normalised) comes back;
-    * a NaN row in the bank is never anyone's neighbour (lightly's argmax returns it for every
-      query);
+    * a NaN row in the bank is returned only to a query that scores no other row above -inf
+      (a NaN score ranks as -inf; lightly's argmax returns the NaN row to every query);
     * bfloat16/float16 outputs and banks work (``dtype``), and the bank is in ``state_dict``,
       so checkpoints resume with the same bank.
 
@@ -193,11 +207,57 @@ class NNMemoryBankModule(nn.Module):
         return neighbours
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A bank whose D was to come from the first batch takes it from the checkpoint instead.
-        bank = state_dict.get(prefix + "queue.bank")
+        # A bank whose D was to come from the first batch takes it from the checkpoint instead
+        # (the queue's own loader then checks the rest of the state).
+        key = prefix + "queue.bank"
+        bank = state_dict.get(key)
         if self.queue is None and bank is not None:
+            _check_tensor(key, bank, 2, FLOAT_DTYPES)
+            if bank.shape[0] != self._rows:
+                raise ValueError(f"{key} has {bank.shape[0]} rows but this module's size is {self._rows}")
+            if bank.shape[1] < 1:
+                raise ValueError(f"{key} has no columns (shape {tuple(bank.shape)})")
             self.queue = SupportQueue(bank.shape[0], bank.shape[1], bank.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def _check_tensor(key: str, value, dims: int, dtypes) -> None:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{key} must be a tensor, got {type(value).__name__}")
+    if value.device.type == "meta":
+        raise ValueError(f"{key} is a meta tensor: it holds no data")
+    if value.dim() != dims:
+        raise ValueError(f"{key} must be {dims}-D, got shape {tuple(value.shape)}")
+    if value.dtype not in dtypes:
+        raise ValueError(f"{key} must be {' or '.join(str(d) for d in dtypes)}, got {value.dtype}")
+
+
+def _check_state(state_dict, prefix: str, size: int, dim: int, dtype: torch.dtype) -> None:
+    """A SupportQueue state as enqueue leaves it, or a ValueError naming the bad key. Missing keys
+    are left to load_state_dict's own report."""
+    keys = {name: prefix + name for name in ("bank", "ptr", "count")}
+    bank = state_dict.get(keys["bank"])
+    if bank is not None:
+        _check_tensor(keys["bank"], bank, 2, (dtype,))
+        if tuple(bank.shape) != (size, dim):
+            raise ValueError(f"{keys['bank']} must have shape ({size}, {dim}), got {tuple(bank.shape)}")
+    values = {}
+    for name in ("ptr", "count"):
+        value = state_dict.get(keys[name])
+        if value is not None:
+            _check_tensor(keys[name], value, 0, (torch.int64,))
+            values[name] = int(value)  # a host read, once per load
+    ptr, count = values.get("ptr"), values.get("count")
+    if ptr is not None and not 0 <= ptr < size:
+        raise ValueError(f"{keys['ptr']} must be in [0, {size}), got {ptr}")
+    if count is not None and not 0 <= count <= size:
+        raise ValueError(f"{keys['count']} must be in [0, {size}], got {count}")
+    # The queue fills from slot 0 and wraps only once full: until then the next slot is `count`.
+    if ptr is not None and count is not None and count < size and ptr != count:
+        raise ValueError(
+            f"{keys['ptr']} = {ptr} and {keys['count']} = {count} are inconsistent: until the queue is full "
+            f"(count < {size}) the next slot is the count"
+        )
 
 
 def _all_gather_rows(x: Tensor) -> Tensor:

@@ -8,10 +8,9 @@ Exactness: random float data is compared by what is robust to summation order (t
 dot is NumPy's BLAS, whose order depends on the position in the tile; a GPU's differs again):
 indices must agree wherever the oracle's best and second-best exact similarities are further
 apart than the rounding, and the chosen row must be within rounding of the best everywhere.
-Exact ties are tested only on exactly representable scores (one-hot queries or one-hot rows).
+Exact ties are tested only on exactly representable scores (one-hot queries or one-hot rows) or
+on identical rows (the kernel computes every column of a tile in the same order).
 """
-
-import os
 
 import pytest
 import torch
@@ -36,11 +35,16 @@ def make_inputs(B, K, D, z_dtype=torch.float32, q_dtype=torch.float32, device="c
     return z, queue
 
 
+def unit64(x):
+    """Rows of x normalised in float64 (no overflow for float32 data, which float64 squares)."""
+    return F.normalize(x.double(), dim=1, eps=0.0).nan_to_num(0.0)
+
+
 def exact_scores(z, queue, valid=None, normalize_queue=False):
     rows = queue[:valid].double()
     if normalize_queue:
-        rows = F.normalize(rows, dim=1)
-    return F.normalize(z.double(), dim=1) @ rows.T
+        rows = unit64(rows)
+    return unit64(z) @ rows.T
 
 
 def assert_nearest(z, queue, idx, ref_idx=None, *, tol=IEEE_TOL, valid=None, normalize_queue=False):
@@ -73,13 +77,9 @@ def assert_topk_near(z, queue, vals, idx, k, *, tol=IEEE_TOL, valid=None, normal
 
 
 def assert_gathered(out, queue, idx):
-    """out is queue[idx] cast to out's dtype. The Triton interpreter casts float32 to 16-bit by
-    truncation instead of round-to-nearest, so there the cast may differ by one ulp."""
-    expected = queue[idx].to(out.dtype)
-    if os.environ.get("TRITON_INTERPRET") == "1" and out.device.type == "cpu" and out.dtype != queue.dtype:
-        torch.testing.assert_close(out, expected, rtol=2 * torch.finfo(out.dtype).eps, atol=0)
-    else:
-        assert torch.equal(out, expected)
+    """out is queue[idx] cast to out's dtype, rounded to nearest even (PyTorch's cast) on every
+    backend, the interpreter included."""
+    assert torch.equal(out, queue[idx].to(out.dtype))
 
 
 @pytest.mark.parametrize(
@@ -111,15 +111,30 @@ def test_lookup_all_dtype_pairs(z_dtype, q_dtype):
 
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_default_matches_its_reference(q_dtype):
-    # The oracle rounds the query to the queue's dtype exactly as the tensor-core path does.
+    # The oracle rounds the normalised query to the queue's dtype (to nearest even) exactly as the
+    # tensor-core path does: scores agree to float32 summation error (~1e-7). A kernel that
+    # skipped or truncated the rounding would be ~1e-3 off, inside DEFAULT_TOL but not 1e-6.
     z, queue = make_inputs(11, 150, 24, torch.float32, q_dtype)
+    vals, top = nn_topk(z, queue, k=3)
+    ref_vals, ref_top = reference_nn_topk(z, queue, k=3, precision="default")
+    torch.testing.assert_close(vals, ref_vals, atol=1e-6, rtol=0)
+    gap = ref_vals[:, :-1] - ref_vals[:, 1:]
+    assert torch.equal(top[:, 0][gap[:, 0] > 1e-5], ref_top[:, 0][gap[:, 0] > 1e-5])
     _, idx = nn_lookup(z, queue, return_indices=True)
-    _, ref_idx = reference_nn_lookup(z, queue, precision="default")
-    ref_scores = F.normalize(z, dim=1).to(q_dtype).float() @ queue.float().T
-    chosen = ref_scores.gather(1, idx.view(-1, 1)).squeeze(1)
-    best = ref_scores.gather(1, ref_idx.view(-1, 1)).squeeze(1)
-    # The interpreter rounds float32 -> 16-bit by truncation, not to nearest: one ulp apart.
-    assert torch.allclose(chosen, best, atol=DEFAULT_TOL[q_dtype])
+    assert torch.equal(idx, top[:, 0])
+
+
+@pytest.mark.parametrize("z_dtype", [torch.bfloat16, torch.float16])
+def test_gathered_rows_round_to_nearest(z_dtype):
+    # A float32 row returned in a 16-bit z's dtype: 0.546185 is 0.546875 in bfloat16 (nearest),
+    # not 0.54297 (truncated, as the interpreter's own cast would give).
+    row = torch.tensor([[0.546185, -0.33317, 0.7677, 1 + 2**-8 + 2**-12, 0.0, 1e-3, -2.5e-2, 0.01234]])
+    z = row.to(z_dtype)
+    out, idx = nn_lookup(z, row, return_indices=True, precision="ieee")
+    assert idx.tolist() == [0]
+    assert torch.equal(out, row.to(z_dtype))
+    if z_dtype == torch.bfloat16:
+        assert out[0, 0].item() == 0.546875
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 16, 17])
@@ -209,6 +224,28 @@ def test_valid_tensor_is_clamped_on_device():
     assert_nearest(z, queue, idx_big, reference_nn_lookup(z, queue, precision="ieee")[1])
 
 
+@pytest.mark.parametrize("valid", [50, 51, 60, 2**31 - 1, 2**31, 2**32, 2**32 + 1, 2**62])
+def test_valid_past_k_never_reads_past_the_queue(valid):
+    # The queue is the first 50 rows of a bigger tensor whose row 50 would win every query (all
+    # real rows score below 0): a `valid` clamped to K never returns it, and one clamped in 64
+    # bits searches every real row (2^31 would wrap to a negative count, 2^32 + 1 to one row).
+    g = torch.Generator().manual_seed(5)
+    storage = torch.randn(64, 8, generator=g)
+    storage[:, 0] = storage[:, 0].abs() + 2
+    storage[50:] = -F.one_hot(torch.tensor(0), 8).float()
+    storage = F.normalize(storage, dim=1)
+    z = -F.one_hot(torch.zeros(6, dtype=torch.int64), 8).float() + 0.1 * torch.randn(6, 8, generator=g)
+    queue = storage[:50]
+    assert (F.normalize(z, dim=1) @ queue.T).max() < 0 < (F.normalize(z, dim=1) @ storage[50:].T).min()
+    ref_vals, ref_top = reference_nn_topk(z, queue, 3)
+    for v in (torch.tensor(valid), torch.tensor(min(valid, 2**63 - 1), dtype=torch.int64)):
+        _, idx = nn_lookup(z, queue, valid=v, return_indices=True, precision="ieee")
+        assert torch.equal(idx, ref_top[:, 0])
+        vals, top = nn_topk(z, queue, 3, valid=v, precision="ieee")
+        assert torch.equal(top, ref_top)
+        torch.testing.assert_close(vals, ref_vals, atol=IEEE_TOL, rtol=0)
+
+
 def test_non_contiguous_inputs():
     z_t, queue_big = make_inputs(40, 300, 24)
     z = z_t.T.contiguous().T[::2]  # column-major, every other row
@@ -231,6 +268,21 @@ def test_zero_query_rows_behave_like_reference():
     out, idx = nn_lookup(z, queue, return_indices=True, precision="ieee")
     assert idx[1].item() == 0 == reference_nn_lookup(z, queue, precision="ieee")[1][1].item()
     assert torch.equal(out[1], queue[0])
+
+
+def test_a_queue_whose_only_searchable_row_is_nan_returns_it():
+    # NaN scores rank as -inf but the row stays a candidate: with nothing scoring above -inf the
+    # lowest searchable row is returned, NaN and all.
+    z, queue = make_inputs(3, 20, 8)
+    queue[0] = float("nan")
+    for precision in ("ieee", "default"):
+        out, idx = nn_lookup(z, queue, valid=torch.tensor(1), return_indices=True, precision=precision)
+        assert idx.tolist() == [0, 0, 0] and out.isnan().all()
+        vals, top = nn_topk(z, queue, 2, valid=torch.tensor(1), precision=precision)
+        assert top.tolist() == [[0, -1]] * 3 and torch.isneginf(vals).all()
+        _, idx = nn_lookup(z, queue, valid=torch.tensor(20), return_indices=True, precision=precision)
+        assert (idx > 0).all()
+    assert torch.equal(reference_nn_lookup(z, queue, valid=1)[1], torch.zeros(3, dtype=torch.int64))
 
 
 def test_nan_semantics():
@@ -309,6 +361,63 @@ def test_raw_bank_with_zero_row_and_valid():
     assert zero_slot.shape[0] == 6 and (vals[zero_slot[:, 0], zero_slot[:, 1]] == 0).all()
 
 
+@pytest.mark.parametrize("q_dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_raw_bank_of_any_scale_gives_the_cosine_neighbour(q_dtype, scale):
+    # Squaring rows of norm 1e30 overflows float32 and 1e-30 underflows it: the norms are taken
+    # scaled by a power of two, so every finite row scores its cosine. float16 holds neither
+    # scale, so it is tested at the widest it can hold.
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(60, 40, generator=g)
+    z = bank[[7, 20, 33]] + 0.01 * torch.randn(3, 40, generator=g)
+    if q_dtype == torch.float16:
+        scale = 1e-3 if scale < 1 else 1e3
+    # The queries' cosine neighbours scaled among unit-scale rows, and every row scaled.
+    mixed = bank.clone()
+    mixed[[7, 20, 33]] *= scale
+    mixed, scaled = mixed.to(q_dtype), (bank * scale).to(q_dtype)
+    for zs, b in ((z, mixed), (z * scale, mixed), (z, scaled)):
+        for precision in ("ieee", "default"):
+            _, idx = nn_lookup(zs, b, normalize_queue=True, return_indices=True, precision=precision)
+            assert idx.tolist() == [7, 20, 33]
+            vals, top = nn_topk(zs, b, 3, normalize_queue=True, precision=precision)
+            ref_vals, ref_top = reference_nn_topk(zs, b, 3, normalize_queue=True, precision=precision)
+            assert top[:, 0].tolist() == [7, 20, 33]
+            torch.testing.assert_close(vals, ref_vals, atol=1e-6, rtol=0)
+
+
+def test_query_of_any_scale_and_zero_rows():
+    queue = F.normalize(torch.randn(70, 16), dim=1)
+    z = torch.randn(6, 16)
+    ref_vals, ref_top = reference_nn_topk(z, queue, 4)
+    for scale in (1e-38, 1e-30, 1e30, 3e38 / 16):
+        vals, top = nn_topk(z * scale, queue, 4, precision="ieee")
+        assert torch.equal(top, ref_top)
+        torch.testing.assert_close(vals, ref_vals, atol=IEEE_TOL, rtol=0)
+    # An all-zero row stays zero: it scores exactly 0 everywhere (ties to row 0), and is its own
+    # "neighbour" (zero) when nothing is searchable.
+    z[2] = 0
+    vals, top = nn_topk(z, queue, 3, precision="ieee")
+    assert top[2].tolist() == [0, 1, 2] and (vals[2] == 0).all()
+    out, idx = nn_lookup(z, queue, valid=torch.tensor(0), return_indices=True)
+    assert idx.tolist() == [-1] * 6 and (out[2] == 0).all() and not out.isnan().any()
+
+
+def test_identical_rows_tie_exactly():
+    # Rows 3, 5, 6, 9 are one vector: every query near it must get row 3, and their top-4 in
+    # index order, in any tile and split.
+    g = torch.Generator().manual_seed(0)
+    queue = F.normalize(torch.randn(300, 64, generator=g), dim=1)
+    queue[[3, 5, 6, 9]] = F.normalize(torch.randn(1, 64, generator=g), dim=1)
+    z = queue[3] + 0.05 * torch.randn(200, 64, generator=g)
+    for q_dtype in (torch.float32, torch.bfloat16):
+        for precision in ("ieee", "default"):
+            _, idx = nn_lookup(z, queue.to(q_dtype), return_indices=True, precision=precision)
+            assert (idx == 3).all(), f"{int((idx != 3).sum())} of {len(idx)} broke the lowest-index rule"
+    _, top = nn_topk(z[:40], queue, 4)
+    assert torch.equal(top, torch.tensor([[3, 5, 6, 9]]).expand(40, 4))
+
+
 def test_gradcheck_float64_topk_scores_raw_bank():
     z = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     bank = raw_bank(15, 6).double()
@@ -336,10 +445,38 @@ def test_straight_through_gradient_matches_formula():
 
 @pytest.mark.parametrize("z_dtype", [torch.bfloat16, torch.float16])
 def test_straight_through_gradient_low_precision_z(z_dtype):
+    # The gradient of the normalisation at the 16-bit z, computed in float32 and rounded once.
     z, queue = make_inputs(4, 20, 8, z_dtype=z_dtype)
+    w = torch.randn(4, 8)
     z.requires_grad_()
-    nn_lookup(z, queue).float().pow(2).sum().backward()
-    assert z.grad.dtype == z_dtype and torch.isfinite(z.grad).all()
+    (nn_lookup(z, queue).float() * w).sum().backward()
+    z64 = z.detach().double().requires_grad_()
+    (unit64(z64) * w.double()).sum().backward()
+    assert z.grad.dtype == z_dtype
+    # One rounding to z's dtype, plus float32 cancellation in (I - y y^T) g on small entries.
+    eps = torch.finfo(z_dtype).eps
+    torch.testing.assert_close(z.grad.double(), z64.grad, atol=eps * float(z64.grad.abs().max()), rtol=eps)
+
+
+def test_straight_through_gradient_of_tiny_huge_and_zero_rows():
+    # (I - y y^T) / ||z|| without overflow: 1e-30 rows get gradients near 1e30, 1e30 rows near
+    # 1e-30; an all-zero row (no derivative) gets zero.
+    z = torch.randn(4, 6, dtype=torch.float64)
+    z[0] *= 1e-30
+    z[1] *= 1e30
+    z[3] = 0
+    w = torch.randn(4, 6, dtype=torch.float64)
+    queue = F.normalize(torch.randn(9, 6, dtype=torch.float64), dim=1)
+    for dtype in (torch.float32, torch.float64):
+        zc = z.to(dtype, copy=True).requires_grad_()
+        (nn_lookup(zc, queue.to(dtype)) * w.to(dtype)).sum().backward()
+        z64 = z[:3].clone().requires_grad_()
+        (z64 / z64.norm(dim=1, keepdim=True) * w[:3]).sum().backward()
+        # Compared at unit scale (times ||z||): float32 cancellation leaves ~1e-7 absolute there.
+        norm = z[:3].norm(dim=1, keepdim=True)
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(zc.grad[:3].double() * norm, z64.grad * norm, rtol=0, atol=tol)
+        assert (zc.grad[3] == 0).all()
 
 
 def test_stop_gradient_gives_no_gradient_to_z():
@@ -360,14 +497,27 @@ def test_gradcheck_float64_topk_scores():
     assert torch.autograd.gradcheck(lambda x: nn_topk(x, queue, k=3)[0], (z,))
 
 
-def test_topk_gradient_ignores_unfilled_slots():
-    z = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    queue = F.normalize(torch.randn(15, 6, dtype=torch.float64), dim=1)
-    vals, idx = nn_topk(z, queue, k=4, valid=torch.tensor(2))
-    assert (idx[:, 2:] == -1).all()
-    vals[:, :2].sum().backward()
-    (grad_filled,) = torch.autograd.grad(nn_topk(z, queue, k=2, valid=2)[0].sum(), z)
-    torch.testing.assert_close(z.grad, grad_filled)
+@pytest.mark.parametrize("normalize_queue", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_gradient_matches_autograd_through_the_oracle(dtype, normalize_queue):
+    # The custom backward against autograd through the naive oracle's own arithmetic, with
+    # unfilled slots (valid below k) and a weight per slot.
+    z = (torch.randn(3, 6, dtype=torch.float64) * 4).to(dtype)
+    queue = (torch.randn(15, 6, dtype=torch.float64) * (3 if normalize_queue else 1)).to(dtype)
+    if not normalize_queue:
+        queue = F.normalize(queue, dim=1)
+    w = torch.randn(3, 4, dtype=dtype)
+    for valid in (None, torch.tensor(2)):
+        zo = z.clone().requires_grad_()
+        vals, idx = nn_topk(zo, queue, k=4, valid=valid, normalize_queue=normalize_queue, precision="ieee")
+        filled = idx >= 0
+        (vals.where(filled, 0) * w).sum().backward()
+        zr = z.clone().requires_grad_()
+        ref_vals, ref_idx = reference_nn_topk(zr, queue, 4, valid=valid, normalize_queue=normalize_queue)
+        assert torch.equal(idx, ref_idx)
+        (ref_vals.where(filled, 0) * w).sum().backward()
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(zo.grad, zr.grad, rtol=tol, atol=tol)
 
 
 def test_gradcheck_float64_straight_through():

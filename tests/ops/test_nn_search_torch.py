@@ -1,9 +1,8 @@
 """The chunked plain-PyTorch path (what CPU tensors run outside the interpreter), against the oracle.
 
-Exact equality is asserted only where every score is exactly representable whatever the GEMM's
-summation order (one-hot queries, small-integer queues); with random floats, indices are compared
-only where the oracle's top-2 gap is clear, elsewhere the chosen row's exact score must be within
-tolerance of the best.
+The path re-scores its shortlist in float64, so its choice is the oracle's exact one: indices are
+compared with ``torch.equal`` even on random floats, and its scores agree with the oracle's
+float64 scores up to their final rounding to float32.
 """
 
 import pytest
@@ -92,6 +91,19 @@ def test_lookup_random_floats(chunk_rows, q_dtype):
     assert torch.equal(top[:, 0], idx)
 
 
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_default_precision_matches_the_rounding_oracle(q_dtype):
+    # The oracle rounds the normalised query to the queue's dtype exactly as this path does; a
+    # path that skipped or truncated that rounding would be off by ~1e-3 here, not 1e-7.
+    z, queue = inputs(32, 400, 24, q_dtype)
+    vals, top = torch_nn_topk(z, queue, 5, ieee=False, chunk_rows=64)
+    ref_vals, ref_top = reference_nn_topk(z, queue, 5, precision="default")
+    assert torch.equal(top, ref_top)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-7, rtol=0)
+    _, idx = torch_nn_lookup(z, queue, ieee=False, chunk_rows=64)
+    assert torch.equal(idx, reference_nn_lookup(z, queue, precision="default")[1])
+
+
 def test_ieee_false_rounds_query_to_a_16bit_queue():
     z, queue = inputs(32, 400, 24, torch.bfloat16)
     for ieee, precision in ((True, "ieee"), (False, "default")):
@@ -164,7 +176,7 @@ def test_tensor_valid_zero_or_negative(chunk_rows):
     for valid in (torch.tensor(0), torch.tensor(-3), torch.tensor(0, dtype=torch.int32)):
         out, idx = torch_nn_lookup(z, queue, valid=valid, chunk_rows=chunk_rows)
         assert torch.equal(idx, torch.full((4,), -1))
-        assert torch.equal(out, F.normalize(z, dim=1))
+        torch.testing.assert_close(out, reference_nn_lookup(z, queue, valid=0)[0], atol=0, rtol=2**-23)
         vals, top = torch_nn_topk(z, queue, 5, valid=valid, chunk_rows=chunk_rows)
         assert torch.equal(top, torch.full((4, 5), -1))
         assert torch.equal(vals, torch.full((4, 5), -INF))
@@ -185,7 +197,8 @@ def test_int_valid_zero_on_the_cpu_path():
     # The wrapper rejects an int valid < 1; called directly the path means "nothing searchable".
     z, queue = inputs(3, 10, 4)
     out, idx = torch_nn_lookup(z, queue, valid=0)
-    assert torch.equal(idx, torch.full((3,), -1)) and torch.equal(out, F.normalize(z, dim=1))
+    assert torch.equal(idx, torch.full((3,), -1))
+    torch.testing.assert_close(out, reference_nn_lookup(z, queue, valid=0)[0], atol=0, rtol=2**-23)
     vals, top = torch_nn_topk(z, queue, 2, valid=0)
     assert torch.equal(top, torch.full((3, 2), -1)) and torch.equal(vals, torch.full((3, 2), -INF))
 
@@ -343,3 +356,170 @@ def test_topk_without_host_reads_matches_reference(monkeypatch, chunk_rows):
         vals, idx = torch_nn_topk(z, queue, k, valid=valid, chunk_rows=chunk_rows)
         ref_vals, ref_idx = reference_nn_topk(z, queue, k, valid=valid)
         assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+
+
+# --------------------------------------------------------------------------------------------
+# Ties: identical rows tie exactly, whatever the GEMM's column order
+
+
+def tied_inputs(q_dtype, seed=0):
+    """Rows 3, 5, 6 and 9 are one vector r; 1,800 queries near r make it the best row of every one."""
+    g = torch.Generator().manual_seed(seed)
+    queue = F.normalize(torch.randn(300, 64, generator=g), dim=1)
+    queue[[3, 5, 6, 9]] = F.normalize(torch.randn(1, 64, generator=g), dim=1)
+    z = queue[3] + 0.05 * torch.randn(1800, 64, generator=g)
+    return z, queue.to(q_dtype)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7, 64])
+@pytest.mark.parametrize("q_dtype,ieee", [(torch.float32, True), (torch.bfloat16, True), (torch.bfloat16, False)])
+def test_identical_rows_tie_exactly(chunk_rows, q_dtype, ieee):
+    # A GEMM computes the columns at a tile's edge in another order, so identical rows can score
+    # differently; the float64 re-scoring of the shortlist makes them tie (the lowest index wins).
+    z, queue = tied_inputs(q_dtype)
+    _, idx = torch_nn_lookup(z, queue, ieee=ieee, chunk_rows=chunk_rows)
+    wrong = int((idx != 3).sum())
+    assert wrong == 0, f"{wrong} of {len(idx)} lookups broke the lowest-index rule"
+    vals, top = torch_nn_topk(z[:300], queue, 4, ieee=ieee, chunk_rows=chunk_rows)
+    assert torch.equal(top, torch.tensor([[3, 5, 6, 9]]).expand(300, 4))
+    assert (vals == vals[:, :1]).all()
+    precision = "ieee" if ieee else "default"
+    ref_vals, ref_top = reference_nn_topk(z[:300], queue, 4, precision=precision)
+    assert torch.equal(top, ref_top)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-7, rtol=0)
+
+
+def test_rescored_random_floats_match_the_oracle_exactly():
+    # Random floats over many chunks and both GEMMs: the choice is the oracle's exact one.
+    z, queue = inputs(40, 3000, 48, torch.bfloat16)
+    for ieee in (True, False):
+        precision = "ieee" if ieee else "default"
+        _, idx = torch_nn_lookup(z, queue, ieee=ieee, chunk_rows=256)
+        assert torch.equal(idx, reference_nn_lookup(z, queue, precision=precision)[1])
+        vals, top = torch_nn_topk(z, queue, 7, ieee=ieee, chunk_rows=256)
+        ref_vals, ref_top = reference_nn_topk(z, queue, 7, precision=precision)
+        assert torch.equal(top, ref_top)
+        torch.testing.assert_close(vals, ref_vals, atol=1e-7, rtol=0)
+
+
+def test_shortlist_bound_covers_a_bfloat16_gemm():
+    # The bf16 GEMM rounds each score to bfloat16 (8 bits): rows whose exact scores differ by
+    # less than that round to the same value, and the bound must keep all of them in the
+    # shortlist. Rows that agree to ~1e-4 with the query, spread over the whole queue.
+    g = torch.Generator().manual_seed(3)
+    base = F.normalize(torch.randn(1, 32, generator=g), dim=1)
+    queue = F.normalize(base + 2e-3 * torch.randn(2000, 32, generator=g), dim=1).bfloat16()
+    z = base + 1e-3 * torch.randn(16, 32, generator=g)
+    _, idx = torch_nn_lookup(z, queue, ieee=False, chunk_rows=512)
+    assert torch.equal(idx, reference_nn_lookup(z, queue, precision="default")[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The normalisation contract: any finite scale, zero rows, non-finite rows
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_any_row_scale_gives_the_cosine_neighbour(q_dtype, scale):
+    # Rows 7, 20 and 33 (the queries' cosine neighbours) scaled to norm ~scale among unit-scale
+    # rows: squaring them in float32 overflows (1e20^2) or underflows (1e-30^2), and an eps would
+    # shrink the tiny ones' scores.
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(60, 40, generator=g)
+    z = bank[[7, 20, 33]] + 0.01 * torch.randn(3, 40, generator=g)
+    bank[[7, 20, 33]] *= scale
+    for z_scale in (1.0, scale):
+        zs = z * z_scale
+        for ieee in (True, False):
+            precision = "ieee" if ieee else "default"
+            b = bank.to(q_dtype)
+            _, idx = torch_nn_lookup(zs, b, ieee=ieee, normalize_queue=True, chunk_rows=16)
+            assert idx.tolist() == [7, 20, 33]
+            assert torch.equal(idx, reference_nn_lookup(zs, b, precision=precision, normalize_queue=True)[1])
+            vals, top = torch_nn_topk(zs, b, 3, ieee=ieee, normalize_queue=True, chunk_rows=16)
+            ref_vals, ref_top = reference_nn_topk(zs, b, 3, precision=precision, normalize_queue=True)
+            assert torch.equal(top, ref_top) and top[:, 0].tolist() == [7, 20, 33]
+            torch.testing.assert_close(vals, ref_vals, atol=1e-6, rtol=0)
+
+
+def test_zero_and_non_finite_rows_under_normalize_queue():
+    z, queue = inputs(5, 30, 8)
+    queue = queue * 1e25
+    queue[4] = 0  # scores exactly 0
+    queue[9, 2] = INF  # all NaN after normalisation: ranks as -inf
+    queue[11, 0] = NAN
+    vals, top = torch_nn_topk(z, queue, 30, normalize_queue=True, chunk_rows=8)
+    ref_vals, ref_top = reference_nn_topk(z, queue, 30, normalize_queue=True)
+    assert torch.equal(top, ref_top)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-7, rtol=0)
+    zero_slot = top == 4
+    assert (vals[zero_slot] == 0).all()
+    assert torch.isneginf(vals[:, -2:]).all() and (top[:, -2:] == torch.tensor([9, 11])).all()
+
+
+def test_a_nan_row_is_returned_only_when_nothing_scores_above_minus_inf():
+    z, queue = inputs(4, 6, 5)
+    queue[0] = NAN
+    out, idx = torch_nn_lookup(z, queue, valid=torch.tensor(1))
+    assert idx.tolist() == [0] * 4 and out.isnan().all()
+    _, idx = torch_nn_lookup(z, queue, valid=torch.tensor(6))
+    assert (idx > 0).all()
+
+
+@pytest.mark.parametrize("host_reads", [True, False])
+def test_valid_beyond_int32_searches_every_row(monkeypatch, host_reads):
+    monkeypatch.setattr(nn_search_torch, "_host_reads_free", lambda device: host_reads)
+    z, queue = integer_inputs(5, 40, 8, seed=7)
+    ref_vals, ref_top = reference_nn_topk(z, queue, 3)
+    for valid in (2**31, 2**32 + 1, 2**40):
+        vals, top = torch_nn_topk(z, queue, 3, valid=torch.tensor(valid))
+        assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
+        _, idx = torch_nn_lookup(z, queue, valid=torch.tensor(valid))
+        assert torch.equal(idx, ref_top[:, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# Without host reads (any device but the CPU): nothing read back, the same answers
+
+
+def forbid_host_reads(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("read device memory on the host")
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "nonzero", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64])
+def test_lookup_and_topk_without_host_reads(monkeypatch, chunk_rows):
+    monkeypatch.setattr(nn_search_torch, "_host_reads_free", lambda device: False)
+    z, queue = integer_inputs(6, 90, 12)
+    queue[[3, 40]] = NAN
+    cases = [(None, 1), (None, 4), (None, 30), (torch.tensor(10), 20), (torch.tensor(0), 5), (torch.tensor(2**32 + 1), 3)]
+    expected = [(reference_nn_lookup(z, queue, valid=v), reference_nn_topk(z, queue, k, valid=v)) for v, k in cases]
+    forbid_host_reads(monkeypatch)
+    for (valid, k), ((ref_out, ref_idx), (ref_vals, ref_top)) in zip(cases, expected):
+        out, idx = torch_nn_lookup(z, queue, valid=valid, chunk_rows=chunk_rows)
+        vals, top = torch_nn_topk(z, queue, k, valid=valid, chunk_rows=chunk_rows)
+        monkeypatch.undo()
+        assert torch.equal(idx, ref_idx) and torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
+        assert torch.equal(top, ref_top) and torch.equal(vals, ref_vals)
+        monkeypatch.setattr(nn_search_torch, "_host_reads_free", lambda device: False)
+        forbid_host_reads(monkeypatch)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_queue_with_and_without_a_native_bfloat16_gemm(monkeypatch, native):
+    # The bfloat16 GEMM (results rounded to bfloat16) and the float32 GEMM of upcast rows only
+    # shortlist: both give the oracle's exact choice and scores.
+    monkeypatch.setattr(nn_search_torch, "_native_bfloat16", lambda: native)
+    z, queue = tied_inputs(torch.bfloat16)
+    z = z[:200]
+    _, idx = torch_nn_lookup(z, queue, ieee=False, chunk_rows=128)
+    assert (idx == 3).all()
+    z, queue = inputs(30, 1000, 40, torch.bfloat16)
+    vals, top = torch_nn_topk(z, queue, 6, ieee=False, chunk_rows=128)
+    ref_vals, ref_top = reference_nn_topk(z, queue, 6, precision="default")
+    assert torch.equal(top, ref_top)
+    torch.testing.assert_close(vals, ref_vals, atol=1e-7, rtol=0)

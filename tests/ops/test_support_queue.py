@@ -122,13 +122,71 @@ def test_state_dict_round_trip_and_resume():
         assert torch.equal(restored.ptr, queue.ptr) and torch.equal(restored.count, queue.count)
 
 
-def test_corrupted_checkpoint_is_rejected_on_enqueue():
+def good_state(size=6, dim=3, dtype=torch.float32, ptr=2, count=2):
+    return {"bank": torch.zeros(size, dim, dtype=dtype), "ptr": torch.tensor(ptr), "count": torch.tensor(count)}
+
+
+CORRUPTED = [
+    ("ptr", torch.tensor(10**9), r"ptr must be in \[0, 6\), got 1000000000"),
+    ("ptr", torch.tensor(-1), r"ptr must be in \[0, 6\), got -1"),
+    ("ptr", torch.tensor(-(2**63)), r"ptr must be in \[0, 6\)"),
+    ("ptr", torch.tensor(6), r"ptr must be in \[0, 6\), got 6"),
+    ("ptr", torch.tensor(float("nan")), r"ptr must be torch.int64, got torch.float32"),
+    ("ptr", torch.tensor([2]), r"ptr must be 0-D, got shape \(1,\)"),
+    ("ptr", torch.tensor(2, dtype=torch.int32), r"ptr must be torch.int64"),
+    ("ptr", 2, r"ptr must be a tensor, got int"),
+    ("ptr", torch.tensor(3), r"ptr = 3 and count = 2 are inconsistent"),
+    ("count", torch.tensor(7), r"count must be in \[0, 6\], got 7"),
+    ("count", torch.tensor(-5), r"count must be in \[0, 6\], got -5"),
+    ("count", torch.tensor(2, device="meta"), r"count is a meta tensor"),
+    ("bank", torch.zeros(6, 4), r"bank must have shape \(6, 3\), got \(6, 4\)"),
+    ("bank", torch.zeros(7, 3), r"bank must have shape \(6, 3\), got \(7, 3\)"),
+    ("bank", torch.zeros(6, 3, dtype=torch.float16), r"bank must be torch.float32, got torch.float16"),
+    ("bank", torch.zeros(18), r"bank must be 2-D"),
+]
+
+
+@pytest.mark.parametrize("key,value,match", CORRUPTED, ids=[f"{c[0]}-{i}" for i, c in enumerate(CORRUPTED)])
+def test_corrupted_checkpoint_is_rejected_on_load(key, value, match):
     queue = SupportQueue(6, 3)
-    queue.load_state_dict({"bank": torch.zeros(6, 3), "ptr": torch.tensor(6), "count": torch.tensor(2)})
+    queue.enqueue(torch.randn(4, 3))
     before = state(queue)
-    with pytest.raises(ValueError, match="ptr must be in"):
-        queue.enqueue(torch.randn(2, 3))
+    bad = good_state()
+    bad[key] = value
+    with pytest.raises(ValueError, match=match):
+        queue.load_state_dict(bad)
     assert_state_equal(queue, before)
+    # Nested, the message names the full key.
+    holder = torch.nn.Module()
+    holder.queue = SupportQueue(6, 3)
+    with pytest.raises(ValueError, match=f"queue.{key}"):
+        holder.load_state_dict({f"queue.{k}": v for k, v in bad.items()})
+
+
+def test_every_state_enqueue_can_reach_loads():
+    # Below capacity ptr == count; once full, ptr can be anywhere in [0, size).
+    for ptr, count in [(0, 0), (2, 2), (5, 5), (0, 6), (3, 6), (5, 6)]:
+        queue = SupportQueue(6, 3)
+        queue.load_state_dict(good_state(ptr=ptr, count=count))
+        assert (int(queue.ptr), int(queue.count)) == (ptr, count)
+    queue = SupportQueue(6, 3)
+    for batch in (1, 2, 5, 4, 13):
+        queue.enqueue(torch.randn(batch, 3))
+        SupportQueue(6, 3).load_state_dict(queue.state_dict())
+
+
+def test_memory_bank_module_checks_the_checkpoint():
+    with pytest.raises(ValueError, match="queue.bank has 8 rows but this module's size is 32"):
+        NNMemoryBankModule(size=32).load_state_dict({f"queue.{k}": v for k, v in good_state(size=8).items()})
+    with pytest.raises(ValueError, match="queue.bank must be torch.float32 or torch.bfloat16 or torch.float16"):
+        NNMemoryBankModule(size=6).load_state_dict({f"queue.{k}": v for k, v in good_state(dtype=torch.float64).items()})
+    with pytest.raises(ValueError, match="queue.count must be in"):
+        NNMemoryBankModule(size=6).load_state_dict({f"queue.{k}": v for k, v in good_state(count=9).items()})
+    with pytest.raises(ValueError, match=r"queue.bank must have shape \(6, 3\)"):
+        NNMemoryBankModule(size=(6, 3)).load_state_dict({f"queue.{k}": v for k, v in good_state(dim=5).items()})
+    bank = NNMemoryBankModule(size=6)
+    bank.load_state_dict({f"queue.{k}": v for k, v in good_state(dtype=torch.bfloat16, ptr=4, count=4).items()})
+    assert bank.queue.bank.dtype == torch.bfloat16 and int(bank.queue.count) == 4
 
 
 def test_lookup_searches_only_filled_rows():
@@ -343,6 +401,30 @@ def test_memory_bank_module_low_precision_outputs():
         assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+def test_memory_bank_returns_a_nan_row_only_when_nothing_else_scores():
+    bank = NNMemoryBankModule(size=(8, 4))
+    poisoned = torch.randn(1, 4)
+    poisoned[0, 1] = float("nan")
+    bank(poisoned, update=True)
+    out = bank(torch.randn(3, 4))
+    assert out.isnan().all(), "the only filled row is returned, NaN and all"
+    bank(torch.randn(2, 4), update=True)
+    assert torch.isfinite(bank(torch.randn(3, 4))).all()
+
+
+@pytest.mark.parametrize("dtype", BANK_DTYPES)
+def test_enqueue_stores_unit_rows_at_any_scale(dtype):
+    queue = SupportQueue(8, 16, dtype=dtype)
+    x = torch.randn(8, 16)
+    scales = [1e-30, 1e-20, 1e-6, 1.0, 1e6, 1e20, 1e30, 0.0]
+    queue.enqueue(x * torch.tensor(scales)[:, None])
+    norms = queue.bank.double().norm(dim=1)
+    torch.testing.assert_close(norms[:7], torch.ones(7, dtype=torch.float64), atol=4 * torch.finfo(dtype).eps, rtol=0)
+    assert (queue.bank[7] == 0).all()
+    expected = F.normalize(x[:7].double(), dim=1).to(dtype)
+    torch.testing.assert_close(queue.bank[:7], expected, atol=torch.finfo(dtype).eps, rtol=0)
+
+
 def lightly_bank(size):
     modules = pytest.importorskip("lightly.models.modules", reason="lightly (the dev extra) is not installed")
     return modules.NNMemoryBankModule(size=size)
@@ -395,7 +477,8 @@ def test_differs_from_lightly_at_start_up_and_with_nan():
     # ours returns each query itself.
     assert torch.allclose(ours(x), F.normalize(x, dim=1))
     assert not torch.allclose(F.normalize(theirs(x), dim=1), F.normalize(x, dim=1), atol=1e-3)
-    # One NaN row in the stream: lightly's argmax returns it for every query; ours never does.
+    # One NaN row in the stream: lightly's argmax returns it for every query; ours ranks its NaN
+    # scores as -inf, below every other filled row.
     poisoned = torch.randn(8, dim)
     poisoned[3] = float("nan")
     for bank in (ours, theirs):

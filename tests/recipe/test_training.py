@@ -104,6 +104,40 @@ def test_step_gradients_reach_the_encoder_in_both_modes():
         assert grad is not None and grad.abs().sum() > 0
 
 
+def test_step_gradient_is_the_chosen_modes():
+    # The step's gradient equals the loss written out by hand with its mode's positives: the
+    # stored neighbour as a constant (False), or normalize(z) + (nn - normalize(z)).detach()
+    # (True). The two modes' gradients differ, so swapping them cannot pass.
+    torch.manual_seed(3)
+    model, views = _model(), _views()
+    queue = SupportQueue(64, D)
+    queue.enqueue(torch.randn(32, D))
+    snapshot = {k: v.clone() for k, v in queue.state_dict().items()}
+    grads = {}
+    for straight_through in (True, False):
+        queue.load_state_dict(snapshot)
+        out = contrastive_step(model, queue, *views, straight_through=straight_through)
+        got = torch.autograd.grad(out.loss, list(model.parameters()), allow_unused=True)
+
+        queue.load_state_dict(snapshot)
+        _, z, p = model(torch.cat(views))
+        z, p = z.float(), p.float()
+        positives = []
+        for zv in (z[:B], z[B:]):
+            nn_row = queue.lookup(zv.detach(), straight_through=False)
+            zn = F.normalize(zv, dim=1)
+            positives.append(zn + (nn_row - zn).detach() if straight_through else nn_row)
+        loss = nnclr_loss(positives[0], positives[1], p[:B], p[B:])
+        torch.testing.assert_close(out.loss, loss)
+        want = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+        for g_got, g_want in zip(got, want):
+            assert (g_got is None) == (g_want is None)
+            if g_got is not None:
+                torch.testing.assert_close(g_got, g_want, atol=1e-6, rtol=1e-5)
+        grads[straight_through] = torch.cat([g.flatten() for g in got if g is not None])
+    assert not torch.allclose(grads[True], grads[False], atol=1e-4, rtol=1e-3)
+
+
 def test_step_rejects_unknown_method_and_missing_queue():
     with pytest.raises(ValueError, match="method"):
         contrastive_step(_model(), None, *_views(), method="byol")
