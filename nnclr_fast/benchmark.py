@@ -6,13 +6,14 @@ The baselines are written the way users write them today:
   normalise, one ``z @ queue.T`` GEMM that materialises the B x K similarity matrix, argmax,
   ``index_select``, and a straight-through estimator for the gradient;
 * the FAISS lookup is a brute-force inner-product search (``faiss.knn_gpu`` on CUDA tensors, with
-  one reused ``StandardGpuResources``; ``faiss.knn`` on CPU tensors) followed by the same gather.
+  one reused ``StandardGpuResources``; ``faiss.knn`` on CPU tensors) followed by the same gather;
+* the naive queue (:class:`IndexCopyQueue`) keeps its write pointer on the host.
 
 Every lookup returns ``(out, indices)``; ``out`` carries the straight-through gradient when the
 query requires grad. Precision labels: "tf32" and "bf16"/"fp16" are tensor-core modes, "ieee"
 is exact float32 arithmetic (on a 16-bit queue: exact float32 on the stored values).
 
-Timing (:func:`time_calls`): on a GPU, CUDA events around rounds of N calls, replayed from a
+Timing (:class:`CallTimer`): on a GPU, CUDA events around rounds of N calls, replayed from a
 captured CUDA graph where the calls allow it (kernels of 15-60 us would otherwise measure the
 Python launch path), each call on the next of several copies of the queue so that the queue is
 read from device memory, not from the L2 cache; on the CPU, the host clock around single calls.
@@ -184,6 +185,23 @@ def faiss_topk(z: torch.Tensor, queue: torch.Tensor, k: int, precision: str):
     return _faiss_search(zs, queue, k)
 
 
+class IndexCopyQueue:
+    """The usual ring buffer: the write pointer lives on the host, and every enqueue builds the
+    slot index there and copies it to the device before ``index_copy_``."""
+
+    def __init__(self, size: int, dim: int, dtype: torch.dtype, device: torch.device):
+        self.bank = torch.zeros(size, dim, dtype=dtype, device=device)
+        self.ptr = 0
+
+    @torch.no_grad()
+    def enqueue(self, x: torch.Tensor) -> None:
+        size, batch = self.bank.shape[0], x.shape[0]
+        slots = torch.arange(self.ptr, self.ptr + batch) % size
+        rows = F.normalize(x.float(), dim=1).to(self.bank.dtype)
+        self.bank.index_copy_(0, slots.to(self.bank.device), rows)
+        self.ptr = (self.ptr + batch) % size
+
+
 # --------------------------------------------------------------------------------------------
 # Timing
 
@@ -206,7 +224,7 @@ class Timing:
     """Seconds per call, one figure per timed round, and how they were taken."""
 
     per_call_s: tuple[float, ...]
-    method: str  # "cuda graph", "cuda events" (eager calls) or "host clock"
+    method: str  # "cuda graph" (events around replays), "cuda events" (eager calls) or "host clock"
     calls_per_round: int
     note: str = ""  # e.g. why a graph could not be captured
 
@@ -248,75 +266,80 @@ def _cycle(call: Callable, inputs: Sequence, n: int) -> Callable[[], None]:
 
 
 def _capture(run: Callable[[], None], device: torch.device):
-    """A CUDA graph of ``run`` (already warmed up), or the reason it cannot be captured."""
+    """A CUDA graph of ``run`` (already warmed up), or None and the reason it cannot be captured."""
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             run()
     except Exception as exc:  # noqa: BLE001 - any capture failure: time the eager calls instead
         torch.cuda.synchronize(device)
-        return None, f"graph capture failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        first = str(exc).strip().splitlines()
+        return None, f"graph capture failed ({type(exc).__name__}: {first[0] if first else ''})"
     return graph, ""
 
 
-def time_calls(
-    call: Callable,
-    inputs: Sequence,
-    device: torch.device,
-    *,
-    rounds: int,
-    graph: bool = True,
-    budget_s: Optional[float] = None,
-) -> Timing:
-    """Time ``call(item)`` for items cycled from ``inputs`` (e.g. :func:`queue_copies`).
+class CallTimer:
+    """Rounds of ``call(item)`` over items cycled from ``inputs`` (e.g. :func:`queue_copies`),
+    prepared once; :meth:`round` runs one and returns its seconds per call.
 
-    CUDA: calls are warmed up on a side stream (capture requires it), grouped into rounds of N
-    (a multiple of len(inputs), at least ``MIN_ROUND_S`` long), captured once as a CUDA graph
-    when ``graph`` (eager otherwise, or when capture fails) and timed with CUDA events. CPU:
-    one call per round on the host clock. ``rounds`` is the minimum; with ``budget_s`` more
-    rounds are taken while they fit in it.
+    CUDA: the calls are warmed up on a side stream (capture requires it), grouped into rounds
+    of N calls (a multiple of len(inputs), at least ``MIN_ROUND_S`` long), captured once as a
+    CUDA graph when ``graph`` (eager otherwise, or when capture fails) and timed with CUDA
+    events. CPU: one call per round on the host clock, after two untimed calls (a JIT build,
+    thread pools).
     """
-    if device.type != "cuda":
-        call(inputs[0])  # first-call costs (a JIT build, thread pools) stay out of the figures
-        warm = time.perf_counter()
-        call(inputs[0])
-        per_call = time.perf_counter() - warm
-        n_rounds = max(rounds, int(budget_s / max(per_call, 1e-9))) if budget_s else rounds
-        times = []
-        for i in range(n_rounds):
+
+    def __init__(self, call: Callable, inputs: Sequence, device: torch.device, graph: bool = True):
+        self.device, self.note = device, ""
+        if device.type != "cuda":
+            call(inputs[0])
+            warm = time.perf_counter()
+            call(inputs[0])
+            self.estimate_s = time.perf_counter() - warm
+            self.method, self.calls_per_round = "host clock", 1
+            self._run = _cycle(call, inputs, 1)
+            return
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            _cycle(call, inputs, len(inputs))()  # compiles, autotunes, allocator and cuBLAS set-up
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(side)
+            _cycle(call, inputs, len(inputs))()
+            end.record(side)
+        torch.cuda.current_stream(device).wait_stream(side)
+        end.synchronize()
+        per_call = start.elapsed_time(end) / 1e3 / len(inputs)
+        n = len(inputs) * max(1, math.ceil(MIN_ROUND_S / max(per_call, 1e-9) / len(inputs)))
+        self._run, self.method, self.calls_per_round = _cycle(call, inputs, n), "cuda events", n
+        if graph:
+            captured, self.note = _capture(self._run, device)
+            if captured is not None:
+                captured.replay()  # the first replay uploads the graph
+                self._run, self.method = captured.replay, "cuda graph"
+        self.estimate_s = per_call * n
+
+    def round(self) -> float:
+        if self.device.type != "cuda":
             start = time.perf_counter()
-            call(inputs[i % len(inputs)])
-            times.append(time.perf_counter() - start)
-        return Timing(tuple(times), "host clock", 1)
-
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        _cycle(call, inputs, len(inputs))()  # compiles, autotunes, allocator and cuBLAS set-up
-        start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start_ev.record(side)
-        _cycle(call, inputs, len(inputs))()
-        end_ev.record(side)
-    torch.cuda.current_stream(device).wait_stream(side)
-    end_ev.synchronize()
-    per_call = start_ev.elapsed_time(end_ev) / 1e3 / len(inputs)
-
-    n = len(inputs) * max(1, math.ceil(MIN_ROUND_S / max(per_call, 1e-9) / len(inputs)))
-    run, method, note = _cycle(call, inputs, n), "cuda events", ""
-    if graph:
-        captured, note = _capture(run, device)
-        if captured is not None:
-            captured.replay()  # the first replay uploads the graph
-            run, method = captured.replay, "cuda graph"
-    n_rounds = max(rounds, int(budget_s / (n * per_call))) if budget_s else rounds
-    stream = torch.cuda.current_stream(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_rounds)]
-    for start, end in events:
+            self._run()
+            return time.perf_counter() - start
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
-        run()
+        self._run()
         end.record(stream)
-    torch.cuda.synchronize(device)
-    return Timing(tuple(s.elapsed_time(e) / 1e3 / n for s, e in events), method, n, note)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / self.calls_per_round
+
+    def timing(self, per_call_s: Sequence[float]) -> Timing:
+        return Timing(tuple(per_call_s), self.method, self.calls_per_round, self.note)
+
+
+def time_calls(call: Callable, inputs: Sequence, device: torch.device, *, rounds: int, graph: bool = True) -> Timing:
+    """``rounds`` rounds of a :class:`CallTimer`."""
+    timer = CallTimer(call, inputs, device, graph)
+    return timer.timing([timer.round() for _ in range(rounds)])
 
 
 # --------------------------------------------------------------------------------------------
