@@ -259,7 +259,7 @@ def cpu_target_lines(records):
         "FAISS searches float32 only, so nnclr_fast's bfloat16 queue is compared with FAISS's float32 "
         "search of the same rows, both measured in this run (medians).",
         "",
-        *_table(["op", "pass", "nnclr_fast queue", "nnclr_fast ms", "faiss-cpu float32 ms", "speed-up", "target", ""], rows),
+        *_table(["op", "pass", "nnclr_fast queue", "nnclr_fast ms", "faiss-cpu float32 ms", "speed-up", "target", "result"], rows),
         "",
     ]
 
