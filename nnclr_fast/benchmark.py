@@ -283,7 +283,8 @@ class CallTimer:
     prepared once; :meth:`round` runs one and returns its seconds per call.
 
     CUDA: the calls are warmed up on a side stream (capture requires it), grouped into rounds
-    of N calls (a multiple of len(inputs), at least ``MIN_ROUND_S`` long), captured once as a
+    of N calls (a multiple of len(inputs), N sized from eager calls to last ``MIN_ROUND_S``;
+    a graph replay can be shorter, since it drops the launch gaps), captured once as a
     CUDA graph when ``graph`` (eager otherwise, or when capture fails) and timed with CUDA
     events. CPU: one call per round on the host clock, after two untimed calls (a JIT build,
     thread pools).
