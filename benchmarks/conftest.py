@@ -2,7 +2,8 @@
 
 Run with ``pytest benchmarks/ --benchmark-only [--benchmark-json FILE]``. The grid follows the
 device: the full grid on a GPU, a short one on the CPU (two small shapes and the headline one,
-B=512, D=256, K=98,304: a few minutes on two cores, so CI can run it);
+B=512, D=256, K=98,304, with a float32 and a bfloat16 queue: a few minutes on two cores, so CI
+can run it);
 ``--bench-grid`` / ``NNCLR_BENCH_GRID`` override it, ``--bench-rounds`` / ``NNCLR_BENCH_ROUNDS``
 set the timed rounds per benchmark.
 """
@@ -15,30 +16,34 @@ import gc
 import os
 import platform
 import shlex
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nnclr_fast import benchmark as baselines
+
 GRIDS = {
     "full": {"K": (8192, 32768, 65536, 98304), "B": (256, 512, 1024), "D": (128, 256), "dtype": ("float32", "bfloat16")},
     # The headline shape alone (benchmarks/gpu_validate.sh), at every dtype and precision.
     "headline": {"K": (98304,), "B": (512,), "D": (256,), "dtype": ("float32", "bfloat16")},
-    # Plus the headline shape (B=512, D=256, K=98,304, float32), so the CPU results show it too.
-    "quick": {"K": (8192, 32768), "B": (256,), "D": (128,), "dtype": ("float32",), "extra": ((512, 98304, 256, "float32"),)},
+    # Plus the headline shape (B=512, D=256, K=98,304) with a float32 and a bfloat16 queue, so the
+    # CPU results show nnclr_fast's bf16 search next to faiss-cpu's float32 one (its only precision).
+    "quick": {
+        "K": (8192, 32768), "B": (256,), "D": (128,), "dtype": ("float32",),
+        "extra": ((512, 98304, 256, "float32"), (512, 98304, 256, "bfloat16")),
+    },
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# At least this many timed rounds: enough on a GPU for a stable median at well under a second
-# per benchmark; few on the CPU, where one K=32768 search takes tens of milliseconds on two
-# shared cores. Calls much shorter than the time budget get more rounds, up to MAX_ROUNDS.
+# At least this many timed rounds (a GPU round is N calls of at least 2 ms in all, a CPU round
+# one call): enough on a GPU for a stable median at well under a second per benchmark; few on
+# the CPU, where one K=32768 search takes tens of milliseconds on two shared cores. Rounds much
+# shorter than the time budget get more rounds, up to MAX_ROUNDS. Untimed warm-up calls come
+# first (nnclr_fast.benchmark.CallTimer): Triton compilation, the caching allocator, cuBLAS.
 MIN_ROUNDS = {"cuda": 50, "cpu": 5}
 TIME_BUDGET_S = {"cuda": 0.25, "cpu": 1.0}
 MAX_ROUNDS = 1000
-# Calls before timing, after a first one that triggers Triton compilation and autotuning: they
-# settle the caching allocator, cuBLAS heuristics and clocks, and estimate the time per call.
-WARMUP_CALLS = {"cuda": 5, "cpu": 1}
 
 _skipped: list[dict] = []
 
@@ -209,7 +214,6 @@ class Runner:
     def __init__(self, config):
         self.device = bench_device()
         self.fixed_rounds = config.getoption("--bench-rounds")
-        self.warmup = WARMUP_CALLS[self.device.type]
         self.grid = grid_name(config)
 
     def inputs(self, shape: Shape):
@@ -240,37 +244,42 @@ class Runner:
         del result
         return peak
 
-    def rounds_for(self, seconds_per_call: float) -> int:
+    def rounds_for(self, seconds_per_round: float) -> int:
         if self.fixed_rounds:
             return self.fixed_rounds
         kind = self.device.type
-        fill = int(TIME_BUDGET_S[kind] / max(seconds_per_call, 1e-9))
+        fill = int(TIME_BUDGET_S[kind] / max(seconds_per_round, 1e-9))
         return max(MIN_ROUNDS[kind], min(MAX_ROUNDS, fill))
 
-    def measure(self, benchmark, fn, info: dict):
-        """Warm up, measure peak memory in a separate call, then time synchronised calls; ``info``
-        (what was run: op, pass, method, precision, sizes) goes into ``extra_info``."""
-        fn()
-        self.sync()
-        start = time.perf_counter()
-        for _ in range(self.warmup):
-            fn()
-        self.sync()
-        rounds = self.rounds_for((time.perf_counter() - start) / self.warmup)
-        peak = self.peak_extra_bytes(fn)
-        self.sync()
+    def queue_copies(self, queue: torch.Tensor) -> list[torch.Tensor]:
+        """The queue and, on a GPU, enough copies that cycling through them defeats the L2 cache."""
+        return baselines.queue_copies(queue)
 
-        def timed():
-            fn()
-            self.sync()
+    def measure(self, benchmark, call, info: dict, inputs=(None,), graph: bool = True):
+        """Time ``call(item)`` over ``inputs`` (e.g. :meth:`queue_copies`); ``info`` (what was
+        run: op, pass, method, precision, sizes) goes into ``extra_info``.
 
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=0)
+        CPU: warm-up calls, then pytest-benchmark's host clock around single calls. GPU: each
+        pytest-benchmark round is one round of a ``nnclr_fast.benchmark.CallTimer`` (N calls,
+        from a captured CUDA graph when ``graph`` and the calls allow it), and the CUDA-event
+        time per call of every round goes into ``extra_info["device_timing"]``, which the report
+        reads instead of the host-clock stats. Peak memory is measured in a separate call.
+        """
+        inputs = list(inputs)
+        timer = baselines.CallTimer(call, inputs, self.device, graph=graph)
+        peak = self.peak_extra_bytes(lambda: call(inputs[0]))
+        rounds = self.rounds_for(timer.estimate_s)
+        per_call = []
+        if self.device.type == "cuda":
+            benchmark.pedantic(lambda: per_call.append(timer.round()), rounds=rounds, iterations=1, warmup_rounds=0)
+        else:
+            benchmark.pedantic(lambda: call(inputs[0]), rounds=rounds, iterations=1, warmup_rounds=0)
         benchmark.extra_info.update(info)
         benchmark.extra_info.update(
             {
                 "peak_extra_bytes": peak,
                 "rounds": rounds,
-                "warmup_calls": self.warmup,
+                "queue_copies": len(inputs),
                 "grid": self.grid,
                 "device": environment()["device"],
                 "torch": environment()["torch"],
@@ -278,6 +287,8 @@ class Runner:
                 "faiss": environment()["faiss"],
             }
         )
+        if per_call:
+            benchmark.extra_info["device_timing"] = timer.timing(per_call).as_dict()
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ network runs under bf16 autocast; both lookups run outside it at TF32, so the tw
 only in the lookup.
 
 The lookup's share of the step is its own forward+backward time, measured in isolation at the
-step's sizes with CUDA events, times the two lookups a step makes, over the step's median time.
+step's sizes (CUDA events around graph replays), times the two lookups a step makes, over the
+step's median time (CUDA events around eager steps).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import naive
 import nnclr_fast
+from nnclr_fast import benchmark as baselines
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.skipif(
 
 BATCH, IMAGE, QUEUE_SIZE, DIM = 256, 96, 98_304, 256
 TEMPERATURE = 0.1
-LOOKUP_TIMING_ITERS = 50
+LOOKUP_TIMING_ROUNDS = 20
 SETUP = (
     f"ResNet-18 (torchvision, random init, channels_last) on 2 x {BATCH} images at {IMAGE}x{IMAGE} under "
     f"bf16 autocast, projector 512-2048-{DIM}, predictor {DIM}-4096-{DIM}, symmetric NNCLR loss "
@@ -56,7 +57,7 @@ def contrastive(nn_z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 LOOKUPS = {
-    "naive": lambda z, queue: naive.naive_lookup(z, queue, "tf32")[0],
+    "naive": lambda z, queue: baselines.naive_lookup(z, queue, "tf32")[0],
     "nnclr_fast": lambda z, queue: nnclr_fast.nn_lookup(z, queue),
 }
 
@@ -68,7 +69,7 @@ def make_step(lookup, device):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-6)
     views = torch.randn(2 * BATCH, 3, IMAGE, IMAGE, generator=gen).to(device, memory_format=torch.channels_last)
     # Steady state: a full queue; the enqueue is the same plain one for both steps.
-    queue = naive.IndexCopyQueue(QUEUE_SIZE, DIM, torch.float32, device)
+    queue = baselines.IndexCopyQueue(QUEUE_SIZE, DIM, torch.float32, device)
     queue.bank.copy_(F.normalize(torch.randn(QUEUE_SIZE, DIM, generator=gen), dim=1))
 
     def step():
@@ -89,25 +90,19 @@ def make_step(lookup, device):
 
 
 def lookup_ms(lookup, device) -> float:
-    """Forward+backward of one lookup at the step's sizes, from CUDA events over many calls."""
+    """Median forward+backward of one lookup at the step's sizes (nnclr_fast.benchmark.time_calls:
+    CUDA events around graph replays, rotating queue copies)."""
     gen = torch.Generator(device="cpu").manual_seed(1)
     queue = F.normalize(torch.randn(QUEUE_SIZE, DIM, generator=gen), dim=1).to(device)
     z = torch.randn(BATCH, DIM, generator=gen).to(device).requires_grad_(True)
     grad = torch.randn(BATCH, DIM, generator=gen).to(device)
 
-    def once():
+    def once(q):
         z.grad = None
-        lookup(z, queue).backward(grad)
+        lookup(z, q).backward(grad)
 
-    for _ in range(5):
-        once()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(LOOKUP_TIMING_ITERS):
-        once()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / LOOKUP_TIMING_ITERS
+    timing = baselines.time_calls(once, baselines.queue_copies(queue), device, rounds=LOOKUP_TIMING_ROUNDS)
+    return timing.median_s * 1e3
 
 
 @pytest.fixture
@@ -121,14 +116,14 @@ def cudnn_benchmark():
 @pytest.mark.parametrize("method", tuple(LOOKUPS))
 def test_train_step(benchmark, bench, method, cudnn_benchmark):
     lookup = LOOKUPS[method]
-    with naive.torch_matmul_precision("tf32"):
+    with baselines.torch_matmul_precision("tf32"):
         step = make_step(lookup, bench.device)
         info = {"op": "train_step", "pass": "forward+backward+update", "method": method, "precision": "tf32"}
         info.update(is_default=True, B=BATCH, K=QUEUE_SIZE, D=DIM, dtype="float32", setup=SETUP)
-        bench.measure(benchmark, step, info)
+        bench.measure(benchmark, lambda _: step(), info, graph=False)
         per_call = lookup_ms(lookup, bench.device)
     if benchmark.stats is None:
         # --benchmark-disable: the step ran once as a smoke test, nothing was timed.
         return
-    step_ms = benchmark.stats.stats.median * 1e3
+    step_ms = benchmark.extra_info["device_timing"]["median_s"] * 1e3
     benchmark.extra_info.update({"lookup_ms": per_call, "lookups_per_step": 2, "lookup_share": 2 * per_call / step_ms})

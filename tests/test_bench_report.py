@@ -135,7 +135,7 @@ def test_unknown_device_gets_na_roofline(report, tmp_path):
     text = (out / "cpu.md").read_text()
     row = next(line for line in text.splitlines() if line.startswith("| 256 | 8192"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[-2:] == ["n/a", "n/a"]
+    assert cells[-3:] == ["n/a", "n/a", "host clock, 1 call per round"]
     assert "CPU figures" in text
 
 
@@ -197,3 +197,44 @@ def test_json_without_suite_records_is_an_error(report, tmp_path):
     path = tmp_path / "empty.json"
     path.write_text(json.dumps({"benchmarks": [{"name": "x", "extra_info": {}, "stats": {}}]}))
     assert report.main([str(path), "--out", str(tmp_path / "out")]) == 1
+
+
+def test_gpu_event_timing_replaces_the_host_clock_stats(report, tmp_path):
+    timed = bench("nnclr_fast", "bf16", 5e-3, dtype="bfloat16")  # host clock: a whole round of 40 calls
+    timed["extra_info"]["device_timing"] = {
+        "median_s": 40e-6, "min_s": 38e-6, "iqr_s": 1e-6, "rounds": 60, "method": "cuda graph", "calls_per_round": 40, "note": "",
+    }
+    path = write_json(tmp_path / "g.json", [bench("naive", "bf16", 160e-6, dtype="bfloat16"), timed])
+    records, _ = report.load([path])
+    rec = by_method(report.analyse(records))
+    assert rec["nnclr_fast", "bf16"]["median_s"] == 40e-6 and rec["nnclr_fast", "bf16"]["timed_rounds"] == 60
+    assert rec["nnclr_fast", "bf16"]["vs_naive"] == pytest.approx(4.0)
+    out = tmp_path / "out"
+    assert report.main([str(path), "--out", str(out)]) == 0
+    assert "| 0.04 | 0.038 | 0.001 | 4.00× |" in (out / "g.md").read_text()
+    assert "cuda graph, 40 calls per round |" in (out / "g.md").read_text()
+
+
+def test_cpu_targets_compare_bf16_and_float32_with_faiss_float32(report, tmp_path):
+    headline = dict(B=512, K=98304, D=256, device="CPU", peak_extra_bytes=None)
+    benches = [
+        bench("faiss", "ieee", 140e-3, dtype="float32", **headline),
+        bench("nnclr_fast", "bf16", 64e-3, dtype="bfloat16", **headline),
+        bench("nnclr_fast", "ieee", 150e-3, dtype="float32", **headline),
+        bench("nnclr_fast", "ieee", 170e-3, dtype="bfloat16", is_default=False, **headline),
+        # Another shape: not part of the targets.
+        bench("faiss", "ieee", 10e-3, dtype="float32", device="CPU", peak_extra_bytes=None),
+    ]
+    out = tmp_path / "out"
+    assert report.main([str(write_json(tmp_path / "cpu.json", benches)), "--out", str(out)]) == 0
+    text = (out / "cpu.md").read_text()
+    assert "## CPU targets: nnclr_fast vs faiss-cpu at B=512, D=256, K=98,304" in text
+    assert "| lookup | forward | bfloat16 (bf16) | 64 | 140 | 2.19× | ≥ 2.0× | met |" in text
+    assert "| lookup | forward | float32 (ieee) | 150 | 140 | 0.93× | ≥ 1.0× | **not met** |" in text
+
+
+def test_no_cpu_targets_without_the_headline_shape(report, tmp_path):
+    benches = [bench("faiss", "ieee", 10e-3, device="CPU", peak_extra_bytes=None), bench("nnclr_fast", "ieee", 8e-3, device="CPU", peak_extra_bytes=None)]
+    out = tmp_path / "out"
+    assert report.main([str(write_json(tmp_path / "c.json", benches)), "--out", str(out)]) == 0
+    assert "CPU targets" not in (out / "c.md").read_text()

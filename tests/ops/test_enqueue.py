@@ -358,7 +358,9 @@ class TestCUDA:
         run_sequence(enqueue_, num_slots, batches, bank_dtype, x_dtype, dim=dim, device="cuda")
 
     def test_non_contiguous_x(self, enqueue_):
-        x = torch.randn(300, 40, device="cuda")[:, ::2].T[:17]
+        # (17, 150) with strides (2, 80): a transposed, doubly strided view of a (300, 40) tensor.
+        x = torch.randn(300, 40, device="cuda")[::2, ::2].T[:17]
+        assert x.shape == (17, 150) and not x.is_contiguous()
         bank = torch.zeros(8, 150, device="cuda")
         ptr = torch.tensor(5, device="cuda")
         count = torch.tensor(8, device="cuda")
