@@ -261,14 +261,17 @@ def test_missing_compiler_is_reported(monkeypatch, tmp_path):
 
 
 NO_COMPILER_SCRIPT = """
-import warnings, torch
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    import nnclr_fast
-    from nnclr_fast.ops import enqueue as enqueue_op
-    from nnclr_fast.ops.reference import reference_enqueue
-    queue = nnclr_fast.SupportQueue(5, 3)
-messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+import logging, torch
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("nnclr_fast").addHandler(handler)
+import nnclr_fast
+from nnclr_fast.ops import enqueue as enqueue_op
+from nnclr_fast.ops.reference import reference_enqueue
+queue = nnclr_fast.SupportQueue(5, 3)
+nnclr_fast.SupportQueue(4, 3)
+messages = [r.getMessage() for r in records if r.levelno == logging.WARNING and r.name == "nnclr_fast.ops.enqueue"]
 assert len(messages) == 1 and "needs a C++ compiler" in messages[0] and "plain-PyTorch" in messages[0], messages
 assert enqueue_op.load_extension() == "torch"
 ref = (queue.bank.clone(), queue.ptr.clone(), queue.count.clone())

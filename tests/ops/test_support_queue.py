@@ -51,6 +51,7 @@ def test_initial_state_and_properties():
         (dict(size=8, dim=-1), ValueError, "dim"),
         (dict(size=8, dim=4, dtype=torch.float64), ValueError, "dtype"),
         (dict(size=8, dim=4, dtype=torch.int64), ValueError, "dtype"),
+        (dict(size=8, dim=4, gather_distributed=1), TypeError, "gather_distributed"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, error, match):
@@ -426,9 +427,12 @@ def worker(rank, store_path, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
     try:
         queue = SupportQueue(SIZE, DIM, dtype=torch.bfloat16)
+        local = NNMemoryBankModule(size=(SIZE, DIM), dtype=torch.bfloat16, gather_distributed=False)
         for step in range(len(BATCHES)):
             queue.enqueue(rank_batch(rank, step))
+            local(rank_batch(rank, step), update=True)
         torch.save(queue.state_dict(), f"{out_dir}/rank{rank}.pt")
+        torch.save(local.queue.state_dict(), f"{out_dir}/rank{rank}_local.pt")
     finally:
         dist.destroy_process_group()
 
@@ -455,3 +459,12 @@ def test_ranks_hold_identical_queues(tmp_path):
     assert int(states[0]["ptr"]) == int(expected[1]) == (2 * sum(BATCHES)) % SIZE
     assert int(states[0]["count"]) == int(expected[2]) == SIZE
     torch.testing.assert_close(states[0]["bank"], expected[0], atol=torch.finfo(torch.bfloat16).eps, rtol=0)
+
+    # gather_distributed=False (lightly's behaviour): each rank's bank holds its own rows only.
+    for rank in range(WORLD_SIZE):
+        local = torch.load(tmp_path / f"rank{rank}_local.pt")
+        expected = (torch.zeros(SIZE, DIM, dtype=torch.bfloat16), torch.tensor(0), torch.tensor(0))
+        for step in range(len(BATCHES)):
+            expected = reference_enqueue(*expected, rank_batch(rank, step))
+        assert int(local["ptr"]) == int(expected[1]) == sum(BATCHES) % SIZE
+        torch.testing.assert_close(local["bank"], expected[0], atol=torch.finfo(torch.bfloat16).eps, rtol=0)
