@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 import torch.nn.functional as F
+from torch import Tensor
 
 from nnclr_fast.ops.common import FLOAT_DTYPES, NORMALIZE_EPS, compute_dtype, int_in_range
 from nnclr_fast.ops.nn_search_plan import MAX_KERNEL_TOPK

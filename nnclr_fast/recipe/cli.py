@@ -11,6 +11,7 @@ logging (the library itself never does), trains, evaluates, prints the results t
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 from typing import Iterator, Optional, Sequence
@@ -37,6 +38,23 @@ checkout, as `python examples/train_nnclr.py [options]`; under torchrun as
   nnclr-train --dataset stl10 --data-dir data --download
   nnclr-train --export encoder/                          # then nnclr_fast.load_encoder("encoder/")
 """
+
+
+# What the [examples] extra brings: module -> distribution to install.
+RECIPE_DEPENDENCIES = {
+    "sklearn": "scikit-learn", "tqdm": "tqdm", "matplotlib": "matplotlib", "safetensors": "safetensors", "torchvision": "torchvision",
+}
+
+
+def missing_dependencies() -> list[str]:
+    """The distributions of the [examples] extra that cannot be imported."""
+    missing = []
+    for module, distribution in RECIPE_DEPENDENCIES.items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(distribution)
+    return missing
 
 
 def format_table(results: dict, per_class: int = 5) -> str:
@@ -76,6 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     arguments exit with status 2 through argparse, before anything is written."""
     parser = build_parser(DESCRIPTION)
     config = parse_config(parser, argv)
+    missing = missing_dependencies()
+    if missing:
+        parser.error(f"the training recipe needs {', '.join(missing)}: pip install 'nnclr_fast[examples]'")
     if config.threads:
         torch.set_num_threads(config.threads)
     rank, world, device = setup_distributed(config.device)

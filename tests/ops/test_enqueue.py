@@ -2,6 +2,7 @@
 kernel on a GPU) and its plain-PyTorch fallback (nnclr_fast.ops.enqueue.enqueue_torch), which
 must behave the same wherever the fallback can run."""
 
+import logging
 import shutil
 
 import pytest
@@ -258,6 +259,27 @@ def test_missing_compiler_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     with pytest.raises(extension.ToolchainMissing, match="needs a C\\+\\+ compiler.*no-such-c\\+\\+"):
         extension.build_and_load("nnclr_fast_enqueue_no_cxx", with_cuda=False, build_dir=tmp_path)
+
+
+def test_a_first_use_build_is_announced_on_the_package_logger_at_info(monkeypatch, tmp_path, caplog):
+    loads = []
+
+    class FakeCppExtension:  # the build itself is proven by the packaging and CUDA tests
+        @staticmethod
+        def is_ninja_available():
+            return True
+
+        @staticmethod
+        def load(**kwargs):
+            loads.append(kwargs)
+
+    monkeypatch.setattr(extension, "_cpp_extension", lambda: FakeCppExtension)
+    with caplog.at_level(logging.INFO, logger="nnclr_fast"):
+        extension.build_and_load("nnclr_fast_enqueue_announce", with_cuda=False, build_dir=tmp_path)
+    (record,) = [r for r in caplog.records if r.name == "nnclr_fast.ops.extension"]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"compiling the C++ enqueue extension (first use only, about 10 s; cached in {tmp_path})"
+    assert [kw["build_directory"] for kw in loads] == [str(tmp_path)]
 
 
 NO_COMPILER_SCRIPT = """

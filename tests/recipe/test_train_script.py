@@ -274,3 +274,9 @@ def test_the_minimal_example_trains_and_reports_a_knn_accuracy():
 def test_the_examples_stay_short():
     assert len(SCRIPT.read_text().splitlines()) <= 30
     assert len(MINIMAL.read_text().splitlines()) <= 80
+
+
+def test_a_missing_recipe_dependency_names_the_extra(script, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(cli.RECIPE_DEPENDENCIES, "nnclr_fast_no_such_module", "no-such-distribution")
+    fails_with(script, capsys, ["--out-dir", tmp_path / "r"], "needs no-such-distribution: pip install 'nnclr_fast[examples]'")
+    assert not (tmp_path / "r").exists()

@@ -4,9 +4,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnclr_fast import SupportQueue
+from nnclr_fast.ops.reference import reference_enqueue
 from nnclr_fast.recipe.losses import nnclr_loss
 from nnclr_fast.recipe.models import NNCLR, ImageEncoder
-from nnclr_fast.ops.reference import reference_enqueue
 from nnclr_fast.recipe.training import (
     DeviceSums,
     LabelQueue,
