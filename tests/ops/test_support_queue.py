@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from nnclr_fast import NNMemoryBankModule, SupportQueue
 from nnclr_fast.ops.reference import reference_enqueue, reference_nn_lookup, reference_nn_topk
@@ -404,6 +405,22 @@ def test_differs_from_lightly_at_start_up_and_with_nan():
     queries = torch.randn(5, dim)
     assert torch.isnan(theirs(queries)).all(dim=1).all()
     assert torch.isfinite(ours(queries)).all()
+
+
+def test_a_checkpoint_saved_with_lightly_loads_with_strict_false():
+    # lightly's bank buffers are not persistent: its state_dict has no bank, ours has queue.*.
+    theirs = nn.Sequential(nn.Linear(8, 8))
+    theirs.add_module("nn_replacer", lightly_bank((32, 8)))
+    theirs[1](torch.randn(4, 8), update=True)
+    saved = theirs.state_dict()
+    assert set(saved) == {"0.weight", "0.bias"}
+    ours = nn.Sequential(nn.Linear(8, 8))
+    ours.add_module("nn_replacer", NNMemoryBankModule(size=(32, 8)))
+    with pytest.raises(RuntimeError, match="Missing key.*nn_replacer.queue.bank.*nn_replacer.queue.ptr.*nn_replacer.queue.count"):
+        ours.load_state_dict(saved)
+    result = ours.load_state_dict(saved, strict=False)
+    assert result.missing_keys == ["nn_replacer.queue.bank", "nn_replacer.queue.ptr", "nn_replacer.queue.count"]
+    assert torch.equal(ours[0].weight, theirs[0].weight) and int(ours[1].queue.count) == 0
 
 
 # ------------------------------------------------------------------------------------------
