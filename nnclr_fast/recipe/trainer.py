@@ -124,7 +124,7 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
     plot(axes[0], "loss", color="tab:red")
     axes[0].set_title("contrastive loss")
     plot(axes[1], "contrastive_acc", color="tab:purple", label="contrastive (in-batch)")
-    plot(axes[1], "nn_acc", color="tab:green", label="NN accuracy (neighbour has the query's label)")
+    plot(axes[1], "nn_acc", color="tab:green", label="NN accuracy")
     axes[1].set_title("training accuracies")
     axes[1].set_ylim(0, 1)
     axes[1].legend(loc="lower right")
