@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnclr_fast.ops.common import int_in_range
 from nnclr_fast.ops.support_queue import all_gather_rows
 from nnclr_fast.recipe.losses import LOSS_VARIANTS, contrastive_accuracy, nnclr_loss
 
@@ -78,8 +79,7 @@ class LabelQueue(nn.Module):
 
     def __init__(self, size: int):
         super().__init__()
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
+        size = int_in_range("size", size)
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
 

@@ -174,6 +174,8 @@ def test_label_queue_lookup_state_and_errors():
         labels.enqueue(torch.tensor([1.0]))
     with pytest.raises(ValueError, match="size"):
         LabelQueue(0)
+    with pytest.raises(TypeError, match="size"):
+        LabelQueue(2.5)
 
 
 def test_neighbour_label_matches_count_only_known_labels():
