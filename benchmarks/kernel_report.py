@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from nnclr_fast.ops import nn_search_plan as plans  # noqa: E402  (configs and the launcher's rules)
+
 DEFAULT_KERNEL = ROOT / "nnclr_fast" / "ops" / "nn_search_triton.py"
 
 # H100 SXM5 (datasheet, dense) and the occupancy limits of sm_90.
@@ -133,7 +134,7 @@ def sass_facts(sass: str) -> dict:
     # Loops are backward branches; the main loop is the innermost one holding the math, and the
     # queue-tile loop is the outermost loop around it (they differ when D is chunked).
     loops = []
-    for i, (addr, text) in enumerate(instrs):
+    for addr, text in instrs:
         m = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", text)
         if _opcode(text).startswith("BRA") and m and int(m.group(1), 16) <= addr:
             lo = int(m.group(1), 16)
@@ -305,7 +306,7 @@ def run(kernel: Path, jobs: int) -> dict:
     keys, grids, unique = [], {}, {}
     for case in CASES:
         for dim in HEADLINE_D:
-            for name, spec, grid, cfg in variants(mod, case, dim):
+            for name, spec, grid, _config in variants(mod, case, dim):
                 # The legacy kernel's D is a runtime argument: one compile serves every D.
                 same = (case, name, json.dumps(spec["const"], sort_keys=True, default=str))
                 unique.setdefault(same, (str(kernel), case, dim, name))

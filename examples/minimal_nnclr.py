@@ -2,7 +2,7 @@
 """NNCLR in one plain PyTorch loop, no trainer: pre-train a small conv encoder on scikit-learn's
 digits, then measure a k-NN accuracy on its frozen features.
 
-    python examples/minimal_nnclr.py              # 90 s on two CPU cores: k-NN 0.983 (raw pixels 0.978)
+    python examples/minimal_nnclr.py              # 150 epochs: k-NN 0.983 (raw pixels 0.978)
     python examples/minimal_nnclr.py --epochs 2
 
 examples/train_nnclr.py is the full recipe (schedule, online probes, checkpoints, evaluation).
@@ -49,12 +49,10 @@ for epoch in range(epochs):
     for idx in torch.randperm(len(train)).split(128)[:-1]:  # full batches only (batch norm, negatives)
         x1, x2 = augment(train_images[idx]), augment(train_images[idx])
         _, z, p = model(torch.cat([x1, x2]))  # both views in one batch: batch norm sees both
-        z1, z2 = z.chunk(2)
         p1, p2 = p.chunk(2)
-        # Stop-gradient: the neighbour is a stored embedding, a constant for the loss.
-        nn1 = queue.lookup(z1, straight_through=False)
-        nn2 = queue.lookup(z2, straight_through=False)
-        queue.enqueue(z1.detach())  # after both lookups: a view is never its own neighbour
+        # Both views in one lookup; stop-gradient: the neighbour is a stored embedding, a constant.
+        nn1, nn2 = queue.lookup(z, straight_through=False).chunk(2)
+        queue.enqueue(z.chunk(2)[0].detach())  # view 1, after the lookup: a view is never its own neighbour
         loss = nnclr_loss(nn1, nn2, p1, p2, temperature=0.1)
         optimizer.zero_grad()
         loss.backward()

@@ -373,7 +373,7 @@ def headline(device: torch.device, batch: int, dim: int, rows: int, rounds: int)
             results.append(HeadlineRow(label, "nnclr_fast", precision, time_calls(
                 lambda q: nnclr_fast.nn_lookup(z, q, return_indices=True), copies, device, rounds=rounds)))
             results.append(HeadlineRow(label, "naive", precision, time_calls(
-                lambda q: naive_lookup(z, q, precision), copies, device, rounds=rounds)))
+                lambda q, precision=precision: naive_lookup(z, q, precision), copies, device, rounds=rounds)))
         # FAISS at the same precision where it has it, else at its own (CPU: float32 only).
         faiss_dtype, faiss_precision = dtype, precision
         if faiss_skip_reason(device, dtype, precision) and faiss is not None:
@@ -387,7 +387,7 @@ def headline(device: torch.device, batch: int, dim: int, rows: int, rounds: int)
             with torch_matmul_precision(faiss_precision):
                 # FAISS runs on its own streams and allocator: never captured in a graph.
                 results.append(HeadlineRow(label, faiss_label, faiss_precision, time_calls(
-                    lambda q: faiss_lookup(z, q, faiss_precision), faiss_copies, device, rounds=rounds, graph=False)))
+                    lambda q, precision=faiss_precision: faiss_lookup(z, q, precision), faiss_copies, device, rounds=rounds, graph=False)))
             del faiss_copies
         del copies
     return results

@@ -252,7 +252,8 @@ def bench(args) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m nnclr_fast", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dim", type=int, default=benchmark.HEADLINE["dim"], help="feature dim D of the plans, the benchmark and one self-check shape (default 256)")
+    parser.add_argument("--dim", type=int, default=benchmark.HEADLINE["dim"],
+                        help="feature dim D of the plans, the benchmark and one self-check shape (default 256)")
     parser.add_argument("--batch", type=int, default=benchmark.HEADLINE["batch"], help="queries B of the plans and the benchmark (default 512)")
     parser.add_argument("--rows", type=int, default=benchmark.HEADLINE["rows"], help="queue rows K of the plans and the benchmark (default 98,304)")
     parser.add_argument("--bench", action="store_true", help="also time the lookup at B, D, K against naive PyTorch (and FAISS)")

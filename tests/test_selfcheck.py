@@ -83,7 +83,7 @@ def test_cases_include_the_requested_shape_and_every_variant():
     assert {c.shape for c in checks} >= {"B=20 K=700 D=256", "B=9 K=301 D=40", "B=5 K=200 D=300"}
     main = [c for c in checks if c.shape == "B=20 K=700 D=256"]
     assert {(c.queue_dtype, c.ieee, c.lookup) for c in main} == {
-        (d, i, l) for d in selfcheck.DTYPES for i in (False, True) for l in (False, True)
+        (d, i, lookup) for d in selfcheck.DTYPES for i in (False, True) for lookup in (False, True)
     }
     assert any(c.valid == 0 for c in checks) and any(c.normalize_queue for c in checks)
     assert any(c.strided_rows for c in checks)

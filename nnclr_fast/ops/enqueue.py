@@ -6,13 +6,14 @@ reference_enqueue`` is its definition). Its kernels come from the C++/CUDA exten
 (``csrc/``, built or loaded by :mod:`nnclr_fast.ops.extension`: ahead of time, else on first
 use); where no C++ compiler exists, :func:`enqueue_torch` serves instead: the same semantics in
 plain PyTorch (indices computed on the device, no host sync, CUDA-graph safe), with one warning
-naming the fix. It also serves CUDA tensors when the C++ build has no CUDA kernel.
+naming the fix (logged to ``nnclr_fast.ops.enqueue``). It also serves CUDA tensors when the C++
+build has no CUDA kernel.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-import warnings
 
 import torch
 
@@ -26,6 +27,8 @@ _lock = threading.Lock()
 _backend: str | None = None  # "aot", "jit" or "torch" once loaded
 _cuda_kernel_missing: str | None = "the extension is not loaded yet"
 _torch_fallback_lib = None  # keeps the Python registrations alive
+
+log = logging.getLogger(__name__)
 
 
 def _check_args(bank, ptr, count, x) -> None:
@@ -146,11 +149,10 @@ def load_extension() -> str:
                 extension.build_and_load(name, with_cuda=problem is None, build_dir=extension.build_dir_for(name))
                 backend = "jit"
             except extension.ToolchainMissing as exc:
-                warnings.warn(
-                    f"{exc}. Until then SupportQueue.enqueue runs nnclr_fast's plain-PyTorch "
-                    f"implementation (same results, a few small kernels instead of one fused op).",
-                    RuntimeWarning,
-                    stacklevel=3,
+                log.warning(
+                    "%s. Until then SupportQueue.enqueue runs nnclr_fast's plain-PyTorch "
+                    "implementation (same results, a few small kernels instead of one fused op).",
+                    exc,
                 )
                 _register_torch_fallback(define=True)
                 backend = "torch"
@@ -159,11 +161,10 @@ def load_extension() -> str:
         if backend != "torch" and not has_cuda:
             _cuda_kernel_missing = extension.cuda_build_problem() or "the extension was built without CUDA"
             if torch.cuda.is_available():
-                warnings.warn(
-                    f"nnclr_fast's enqueue extension has no CUDA kernel ({_cuda_kernel_missing}), so "
-                    f"CUDA queues use its plain-PyTorch implementation. For the fused kernel: {extension.HOW_TO_GET_CUDA}.",
-                    RuntimeWarning,
-                    stacklevel=3,
+                log.warning(
+                    "nnclr_fast's enqueue extension has no CUDA kernel (%s), so CUDA queues use its "
+                    "plain-PyTorch implementation. For the fused kernel: %s.",
+                    _cuda_kernel_missing, extension.HOW_TO_GET_CUDA,
                 )
             _register_torch_fallback(define=False)
         else:

@@ -30,6 +30,8 @@ AOT_MODULE = "nnclr_fast._C"
 OP_NAME = "nnclr_fast::enqueue_"
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
+log = logging.getLogger(__name__)
+
 
 def source_dir() -> Path | None:
     """Where the C++/CUDA sources are: inside the installed package, or the checkout's csrc/."""
@@ -133,12 +135,11 @@ def build_and_load(name: str, with_cuda: bool, build_dir: str | os.PathLike | No
     files = [sources / "enqueue.cpp"] + ([sources / "cuda" / "enqueue.cu"] if with_cuda else [])
     built = Path(build_dir) / f"{name}.so"
     if not built.is_file() or built.stat().st_mtime < max(f.stat().st_mtime for f in files):
-        # The one moment a user waits for this package: say why, once.
-        print(
-            f"nnclr_fast: compiling the {'C++/CUDA' if with_cuda else 'C++'} enqueue extension "
-            f"(first use only, about {'a minute' if with_cuda else '10 s'}; cached in {build_dir})",
-            file=sys.stderr,
-            flush=True,
+        # The one moment a user waits for this package: say why (INFO: shown where logging is
+        # configured, e.g. by nnclr-train; a library stays quiet otherwise).
+        log.info(
+            "compiling the %s enqueue extension (first use only, about %s; cached in %s)",
+            "C++/CUDA" if with_cuda else "C++", "a minute" if with_cuda else "10 s", build_dir,
         )
     cflags = ["-O3"] + (["-DNNCLR_FAST_WITH_CUDA"] if with_cuda else [])
     try:

@@ -48,18 +48,25 @@ class SupportQueue(nn.Module):
         dim: embedding dimension D.
         dtype: bank dtype, float32, bfloat16 or float16 (16-bit halves the memory and the
             search traffic; rows are normalised in float32 before the cast).
+        gather_distributed: under ``torch.distributed`` (world size > 1), all-gather every
+            rank's batch before enqueueing it, so all ranks hold one global support set (the
+            default). False keeps one queue per rank, filled with that rank's rows only, as
+            lightly's ``MemoryBankModule(gather_distributed=False)`` does.
     """
 
     bank: Tensor
     ptr: Tensor
     count: Tensor
 
-    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32, *, gather_distributed: bool = True) -> None:
         super().__init__()
         size = int_in_range("size", size)
         dim = int_in_range("dim", dim)
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"gather_distributed must be a bool, got {gather_distributed!r}")
+        self.gather_distributed = gather_distributed
         # Built now, not inside the first enqueue: the first call may be under torch.compile
         # tracing or CUDA graph capture, where compiling a C++ extension cannot happen.
         enqueue_op.load_extension()
@@ -89,10 +96,10 @@ class SupportQueue(nn.Module):
         ``x`` is detached; any float dtype (it is normalised in float32 and stored in the bank's
         dtype). A batch larger than ``size`` keeps only its last ``size`` rows.
 
-        Under ``torch.distributed`` (initialised, world size > 1) the batches of all ranks are
-        all-gathered first and appended in rank order, so every rank holds the same queue. Every
-        rank must then call ``enqueue`` at the same step with the same batch size (a collective
-        with mismatched sizes fails or hangs).
+        Under ``torch.distributed`` (initialised, world size > 1) and ``gather_distributed``
+        (the default) the batches of all ranks are all-gathered first and appended in rank
+        order, so every rank holds the same queue. Every rank must then call ``enqueue`` at the
+        same step with the same batch size (a collective with mismatched sizes fails or hangs).
 
         Raises:
             TypeError: ``x`` is not a floating-point tensor.
@@ -113,9 +120,14 @@ class SupportQueue(nn.Module):
             raise ValueError(f"x must be on the queue's device ({self.bank.device}), got {x.device}")
         enqueue_op.require_device(self.bank.device)
         x = x.detach()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            x = _all_gather_rows(x)
+        if self.gathers():
+            x = all_gather_rows(x)
         torch.ops.nnclr_fast.enqueue_(self.bank, self.ptr, self.count, x)
+
+    def gathers(self) -> bool:
+        """Whether :meth:`enqueue` all-gathers across ranks now (``gather_distributed`` and an
+        initialised process group of more than one rank)."""
+        return self.gather_distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def lookup(
         self,
@@ -175,15 +187,25 @@ class NNMemoryBankModule(nn.Module):
       is empty the query itself (normalised) comes back;
     * a NaN row in the bank is returned only to a query that scores no other row above -inf
       (a NaN score ranks as -inf; lightly's argmax returns the NaN row to every query);
-    * bfloat16/float16 outputs and banks work (``dtype``), and the bank is in ``state_dict``,
-      so checkpoints resume with the same bank.
+    * bfloat16/float16 outputs and banks work (``dtype``);
+    * the bank is in ``state_dict`` (persistent buffers ``queue.bank``, ``queue.ptr``,
+      ``queue.count``), so checkpoints resume with the same bank. lightly's buffers are not
+      persistent, so a checkpoint saved with lightly's module lacks these keys: load it with
+      ``load_state_dict(state, strict=False)`` and the bank starts empty, as lightly's restarts
+      random;
+    * under ``torch.distributed`` every rank's batch is all-gathered before it is enqueued, so
+      all ranks search one global bank; lightly's ``NNMemoryBankModule`` keeps one bank per
+      rank. ``gather_distributed=False`` does that here too.
 
     Args:
         size: ``(K, D)``, or an int K with D taken from the first batch.
         dtype: the bank's dtype (float32, bfloat16 or float16).
+        gather_distributed: see :class:`SupportQueue`.
     """
 
-    def __init__(self, size: int | Sequence[int] = 2**16, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, size: int | Sequence[int] = 2**16, dtype: torch.dtype = torch.float32, *, gather_distributed: bool = True
+    ) -> None:
         super().__init__()
         if isinstance(size, int):
             self._rows, dim = int_in_range("size", size), None
@@ -194,13 +216,17 @@ class NNMemoryBankModule(nn.Module):
                 )
             self._rows, dim = int_in_range("size[0]", size[0]), int_in_range("size[1]", size[1])
         self._dtype = dtype
-        self.queue: Optional[SupportQueue] = None if dim is None else SupportQueue(self._rows, dim, dtype)
+        self._gather_distributed = gather_distributed
+        self.queue: Optional[SupportQueue] = None if dim is None else self._make_queue(dim, dtype)
+
+    def _make_queue(self, dim: int, dtype: torch.dtype) -> SupportQueue:
+        return SupportQueue(self._rows, dim, dtype, gather_distributed=self._gather_distributed)
 
     def forward(self, output: Tensor, update: bool = False) -> Tensor:
         if self.queue is None:
             if not isinstance(output, Tensor) or output.dim() != 2:
                 raise ValueError(f"output must be a 2-D (batch, dim) tensor, got {getattr(output, 'shape', output)}")
-            self.queue = SupportQueue(self._rows, output.shape[1], self._dtype).to(output.device)
+            self.queue = self._make_queue(output.shape[1], self._dtype).to(output.device)
         neighbours = self.queue.lookup(output, straight_through=False)
         if update:
             self.queue.enqueue(output)
@@ -217,7 +243,7 @@ class NNMemoryBankModule(nn.Module):
                 raise ValueError(f"{key} has {bank.shape[0]} rows but this module's size is {self._rows}")
             if bank.shape[1] < 1:
                 raise ValueError(f"{key} has no columns (shape {tuple(bank.shape)})")
-            self.queue = SupportQueue(bank.shape[0], bank.shape[1], bank.dtype)
+            self.queue = SupportQueue(bank.shape[0], bank.shape[1], bank.dtype, gather_distributed=self._gather_distributed)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -260,8 +286,9 @@ def _check_state(state_dict, prefix: str, size: int, dim: int, dtype: torch.dtyp
         )
 
 
-def _all_gather_rows(x: Tensor) -> Tensor:
+def all_gather_rows(x: Tensor) -> Tensor:
+    """Every rank's ``x`` (same shape on each), concatenated along dim 0 in rank order."""
     # One output buffer, filled in rank order (NCCL and gloo both implement this collective).
-    gathered = x.new_empty((dist.get_world_size() * x.shape[0], x.shape[1]))
+    gathered = x.new_empty((dist.get_world_size() * x.shape[0], *x.shape[1:]))
     dist.all_gather_into_tensor(gathered, x.contiguous())
     return gathered

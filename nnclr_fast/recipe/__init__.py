@@ -3,7 +3,9 @@ scikit-learn, tqdm, matplotlib, safetensors), each imported only by the parts th
 
     config      TrainConfig (one typed configuration; the CLI is generated from its fields), PRESETS
     trainer     Trainer: the loop, checkpoint and resume, metrics.csv, curves.png, final evaluation
-    training    contrastive_step (lookup both views, then enqueue), train_one_epoch, OnlineProbe, WarmupCosine
+    cli         nnclr-train (also examples/train_nnclr.py): parse, log, train, evaluate, export
+    training    StepSettings, contrastive_step (one lookup of both views, then enqueue), LabelQueue and the
+                NN accuracy, train_one_epoch, OnlineProbe, WarmupCosine
     models      NNCLR (any backbone), ProjectionHead, PredictionHead, the small encoder and ResNets
     losses      nnclr_loss, info_nce, contrastive_accuracy
     augment     SimCLRAugment: per-image SimCLR augmentations on batches, on the device

@@ -18,7 +18,7 @@ from typing import Any, Optional
 from nnclr_fast.recipe.data import DATASETS
 from nnclr_fast.recipe.losses import LOSS_VARIANTS
 from nnclr_fast.recipe.models import BACKBONES
-from nnclr_fast.recipe.training import METHODS
+from nnclr_fast.recipe.training import METHODS, StepSettings
 
 _BOUND_MESSAGES = {">=1": "must be a positive integer", ">0": "must be positive", ">=0": "must not be negative"}
 
@@ -80,6 +80,7 @@ class TrainConfig:
     resume: bool = option(False, "run", "continue the run in --out-dir from its checkpoint")
     stop_after_epochs: Optional[int] = option(None, "run", "end this invocation after that many epochs in total (resume later)", bound=">=1")
     export: Optional[str] = option(None, "run", "save the encoder (safetensors + JSON) to this directory for nnclr_fast.load_encoder", metavar="PATH")
+    overwrite: bool = option(False, "run", "let --export write into a non-empty directory, replacing an earlier export there")
     seed: int = option(0, "run", "", resume=True)
     device: Optional[str] = option(None, "run", "default: cuda:<local rank> when CUDA is available, else cpu")
     precision: str = option("auto", "run", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
@@ -87,6 +88,11 @@ class TrainConfig:
     sync_bn: bool = option(False, "run", "synchronised batch norm across processes (CUDA, under torchrun)")
     threads: Optional[int] = option(None, "run", "CPU threads for torch", bound=">=1")
     few_shot_draws: int = option(5, "run", "seeded draws averaged for the 5-labels-per-class probe", bound=">=1")
+    # Every 5th epoch keeps the monitor under ~5 % of pre-training on the digits default (it
+    # extracts features of the whole train and test sets; see docs/results.md).
+    monitor_every: int = option(
+        5, "run", "run the online monitor (test-set linear probe, k-NN on frozen features) every N epochs and at the last", bound=">=1"
+    )
     raw_baseline: bool = option(True, "run", "also evaluate raw pixels")
     progress: bool = option(True, "run", "tqdm progress bars")
     # Set by the trainer from the process group, not a flag: ranks split the batches by it.
@@ -107,6 +113,12 @@ class TrainConfig:
         if self.resume and not self.out_dir:
             raise ValueError("--resume needs --out-dir (the run directory to continue)")
         return self
+
+    def step_settings(self) -> StepSettings:
+        """What one training step needs of this configuration."""
+        return StepSettings(
+            method=self.method, temperature=self.temperature, loss_variant=self.loss, straight_through=self.straight_through
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples as lists), the form config.json and checkpoints store."""

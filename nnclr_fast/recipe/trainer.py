@@ -3,24 +3,28 @@ encoder out.
 
 It owns the run directory: ``config.json`` (the resolved configuration), ``checkpoint.pt``
 (rewritten atomically after every epoch; ``resume=True`` continues from it exactly),
-``metrics.csv`` and ``curves.png`` (per epoch: loss, in-batch contrastive accuracy, the online
-linear probe and the online k-NN monitor) and ``results.json`` (the final frozen-feature
-evaluation of the pre-trained encoder, the same architecture at random initialisation and, if
-asked, raw pixels). Under torchrun every process runs one; rank 0 writes the files.
+``metrics.csv`` and ``curves.png`` (per epoch: loss, in-batch contrastive accuracy, NN
+accuracy, the online linear probe; every ``monitor_every`` epochs the test-set probe and k-NN
+monitor) and ``results.json`` (the final frozen-feature evaluation of the pre-trained encoder,
+the same architecture at random initialisation and, if asked, raw pixels). Under torchrun every
+process runs one; rank 0 writes the files. Messages go to the ``nnclr_fast.recipe.trainer``
+logger (INFO), from rank 0 only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -40,9 +44,11 @@ from nnclr_fast.recipe.checkpoint import (
 from nnclr_fast.recipe.config import TrainConfig
 from nnclr_fast.recipe.data import DatasetSplits, ImageSet, epoch_batches, load_dataset, steps_per_epoch
 from nnclr_fast.recipe.evaluate import evaluate_features, extract_features, weighted_knn_accuracy
-from nnclr_fast.recipe.export import export_encoder
+from nnclr_fast.recipe.export import check_export_target, export_encoder
 from nnclr_fast.recipe.models import NNCLR, build_feature_extractor
-from nnclr_fast.recipe.training import OnlineProbe, WarmupCosine, build_optimizer, parameter_groups, train_one_epoch
+from nnclr_fast.recipe.training import LabelQueue, OnlineProbe, WarmupCosine, build_optimizer, parameter_groups, train_one_epoch
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
@@ -86,6 +92,10 @@ def encoder_spec(config: TrainConfig, data: DatasetSplits) -> dict:
     }
 
 
+# Columns of metrics.csv left empty (None) in the epochs the monitor skips.
+MONITOR_COLUMNS = ("probe_test_acc", "weighted_knn_test_acc", "monitor_seconds")
+
+
 def write_metrics_csv(path: Path, history: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(history[0].keys()))
@@ -101,18 +111,26 @@ def plot_curves(path: Path, history: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    epochs = [row["epoch"] for row in history]
     # Markers only while there are few enough points to tell apart.
     style = {"marker": "o", "markersize": 3} if len(history) <= 30 else {}
+
+    def plot(ax, key, **kwargs):
+        # Epochs where a column was not measured (None) are left out, not drawn as zero.
+        points = [(row["epoch"], row[key]) for row in history if row.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), **style, **kwargs)
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
-    axes[0].plot(epochs, [row["loss"] for row in history], color="tab:red", **style)
+    plot(axes[0], "loss", color="tab:red")
     axes[0].set_title("contrastive loss")
-    axes[1].plot(epochs, [row["contrastive_acc"] for row in history], color="tab:purple", **style)
-    axes[1].set_title("contrastive accuracy (in-batch)")
+    plot(axes[1], "contrastive_acc", color="tab:purple", label="contrastive (in-batch)")
+    plot(axes[1], "nn_acc", color="tab:green", label="NN accuracy")
+    axes[1].set_title("training accuracies")
     axes[1].set_ylim(0, 1)
-    axes[2].plot(epochs, [row["probe_train_acc"] for row in history], label="linear probe, train (augmented views)", **style)
-    axes[2].plot(epochs, [row["probe_test_acc"] for row in history], label="linear probe, test", **style)
-    axes[2].plot(epochs, [row["weighted_knn_test_acc"] for row in history], label="k-NN (k=20, weighted), test", **style)
+    axes[1].legend(loc="lower right")
+    plot(axes[2], "probe_train_acc", label="linear probe, train (augmented views)")
+    plot(axes[2], "probe_test_acc", label="linear probe, test")
+    plot(axes[2], "weighted_knn_test_acc", label="k-NN (k=20, weighted), test")
     axes[2].set_title("online monitors")
     axes[2].set_ylim(0, 1)
     axes[2].legend(loc="lower right")
@@ -138,17 +156,15 @@ class Trainer:
     The constructor does everything that can fail on bad input (run directory, dataset, a
     checkpoint that does not fit) and raises ValueError or FileNotFoundError before anything is
     written. Then :meth:`fit` trains (returns False when ``stop_after_epochs`` ended it early)
-    and :meth:`evaluate` measures and writes ``results.json``. ``log`` prints rank 0's lines.
+    and :meth:`evaluate` measures and writes ``results.json``.
     """
 
     def __init__(
-        self, config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
-        log: Callable[[str], None] = print,
+        self, config: TrainConfig, *, rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu")
     ):
         config = dataclasses.replace(config, world_size=world_size).validate()
         self.config, self.rank, self.world, self.device = config, rank, world_size, device
         self.is_main = rank == 0
-        self.log = log if self.is_main else (lambda *_: None)
         self._check_run_directory()
         # Under torchrun only rank 0 downloads; the others wait for it, then read the files.
         if world_size > 1 and config.download and not self.is_main:
@@ -189,8 +205,11 @@ class Trainer:
             raise ValueError(
                 f"run directory {str(self.out_dir)!r} already holds a run; pass --resume to continue it or choose another --out-dir"
             )
-        if config.export and Path(config.export).exists() and not Path(config.export).is_dir():
-            raise ValueError(f"--export path {config.export!r} exists and is not a directory")
+        if config.export:
+            try:
+                check_export_target(config.export, config.overwrite)
+            except FileExistsError as exc:
+                raise ValueError(f"--export: {exc}") from None
 
     def _build(self) -> None:
         config, device = self.config, self.device
@@ -199,7 +218,10 @@ class Trainer:
         self.model = NNCLR(
             self.extractor.encoder, proj_hidden_dim=config.proj_hidden_dim, proj_dim=config.proj_dim, pred_hidden_dim=config.pred_hidden_dim
         )
-        self.queue = SupportQueue(config.queue_size, config.proj_dim).to(device) if config.method == "nnclr" else None
+        self.queue = self.label_queue = None
+        if config.method == "nnclr":
+            self.queue = SupportQueue(config.queue_size, config.proj_dim).to(device)
+            self.label_queue = LabelQueue(config.queue_size).to(device)
         self.probe = OnlineProbe(self.extractor.encoder.feature_dim, max(self.data.num_classes, 1)).to(device)
         self.model.to(device)
         self.channels_last = device.type == "cuda"
@@ -224,6 +246,7 @@ class Trainer:
             self.probe.load_state_dict(state["probe"])
             if self.queue is not None:
                 self.queue.load_state_dict(state["queue"])
+                self.label_queue.load_state_dict(state["label_queue"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.probe_optimizer.load_state_dict(state["probe_optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -233,12 +256,25 @@ class Trainer:
         self.history = list(state["history"])
         self.epoch = int(state["epoch"])
         self.train_seconds = float(state.get("train_seconds", 0.0))
-        self.log(f"resumed {self.checkpoint_path} at epoch {self.epoch}/{self.config.epochs}")
+        self._info(f"resumed {self.checkpoint_path} at epoch {self.epoch}/{self.config.epochs}")
+
+    def _info(self, message: str) -> None:
+        if self.is_main:
+            log.info(message)
 
     # ---- training ----
 
-    def _monitor(self) -> dict[str, float]:
-        """Online linear probe and weighted k-NN (train features as the bank) on the test set."""
+    def _monitor_due(self) -> bool:
+        # Fixed epochs (not "every N since this invocation started"), so a resumed run monitors
+        # the same epochs as one never stopped.
+        return self.is_main and (self.epoch % self.config.monitor_every == 0 or self.epoch == self.config.epochs)
+
+    def _monitor(self) -> dict[str, Optional[float]]:
+        """Online linear probe and weighted k-NN (train features as the bank) on the test set,
+        and the seconds they took; None for each in the epochs the monitor skips."""
+        if not self._monitor_due():
+            return dict.fromkeys(MONITOR_COLUMNS)
+        t0 = time.perf_counter()
         test = extract_features(self.extractor, self.data.test.images, device=self.device)
         train = extract_features(self.extractor, self.data.train.images, device=self.device)
         with torch.no_grad():
@@ -247,9 +283,11 @@ class Trainer:
             predicted = self.probe(test.to(self.device)).argmax(dim=1).cpu()
             self.probe.train(was)
         k = min(20, len(train))
+        knn = weighted_knn_accuracy(train, self.data.train.labels, test, self.data.test.labels, k=k, device=self.device)
         return {
             "probe_test_acc": float((predicted == self.data.test.labels).float().mean()),
-            "weighted_knn_test_acc": weighted_knn_accuracy(train, self.data.train.labels, test, self.data.test.labels, k=k, device=self.device),
+            "weighted_knn_test_acc": knn,
+            "monitor_seconds": time.perf_counter() - t0,
         }
 
     def _save(self) -> None:
@@ -263,6 +301,7 @@ class Trainer:
                 "config": self.config.to_dict(), "encoder_spec": self.spec, "epoch": self.epoch, "train_seconds": self.train_seconds,
                 "model": self.model.state_dict(), "probe": self.probe.state_dict(),
                 "queue": self.queue.state_dict() if self.queue is not None else {},
+                "label_queue": self.label_queue.state_dict() if self.label_queue is not None else {},
                 "optimizer": self.optimizer.state_dict(), "probe_optimizer": self.probe_optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "history": self.history,
             })
@@ -289,19 +328,34 @@ class Trainer:
             # Indexing a resident uint8 copy beats a host->device copy of every batch.
             images = images.to(device)
         world = f" x {self.world} processes" if self.world > 1 else ""
-        self.log(
+        self._info(
             f"{config.method.upper()} on {config.dataset}: {len(self.data.pretrain)} pre-training images, {len(self.data.train)} labelled, "
             f"{len(self.data.test)} test; {config.backbone} at {config.image_size}px; {self.steps} steps/epoch x {config.epochs} epochs; "
             f"device {device}{world}; run directory {self.out_dir}"
         )
         end = config.epochs if config.stop_after_epochs is None else min(config.epochs, config.stop_after_epochs)
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
-        bar = tqdm(
-            total=config.epochs * self.steps, initial=self.epoch * self.steps, disable=not (config.progress and self.is_main),
-            unit="step", dynamic_ncols=True,
-        )
-        log_every = max(1, config.epochs // 20)
+        show_bar = config.progress and self.is_main
+        bar = tqdm(total=config.epochs * self.steps, initial=self.epoch * self.steps, disable=not show_bar, unit="step", dynamic_ncols=True)
+        # While the bar is drawn, the package logger's console handlers write through it.
+        redirect = logging_redirect_tqdm([logging.getLogger("nnclr_fast")]) if show_bar else contextlib.nullcontext()
+        with bar, redirect:
+            self._train_epochs(end, model, probe, images, amp_dtype, bar)
+        if end < config.epochs:
+            self._info(f"stopped after epoch {end}/{config.epochs}; continue with --resume --out-dir {self.out_dir}")
+            return False
+        if self.is_main and self.history:
+            title = f"{config.method.upper()} on {config.dataset} ({config.backbone}, {config.image_size}px)"
+            plot_curves(self.out_dir / CURVES, self.history, title)
+        return True
+
+    def _train_epochs(self, end: int, model: nn.Module, probe: nn.Module, images: torch.Tensor, amp_dtype, bar) -> None:
+        config, device = self.config, self.device
+        settings = config.step_settings()
+        # About 20 lines a run, each on an epoch the monitor measured.
+        log_every = config.monitor_every * math.ceil(max(1, config.epochs // 20) / config.monitor_every)
         while self.epoch < end:
             t0 = time.perf_counter()
 
@@ -314,34 +368,19 @@ class Trainer:
             metrics = train_one_epoch(
                 model, self.queue, probe, self.augment, images, self.data.pretrain.labels, batches,
                 self.optimizer, self.probe_optimizer, self.scheduler,
-                device=device, generator=self.generators["augment"], method=config.method, temperature=config.temperature,
-                loss_variant=config.loss, straight_through=config.straight_through, amp_dtype=amp_dtype,
-                channels_last=self.channels_last, progress=progress,
+                device=device, settings=settings, label_queue=self.label_queue, generator=self.generators["augment"],
+                amp_dtype=amp_dtype, channels_last=self.channels_last, progress=progress,
             )
             epoch_time = time.perf_counter() - t0
             self.train_seconds += epoch_time
             self.epoch += 1
-            monitors = self._monitor() if self.is_main else {"probe_test_acc": math.nan, "weighted_knn_test_acc": math.nan}
-            row = {"epoch": self.epoch, **metrics, **monitors, "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": epoch_time}
+            row = {"epoch": self.epoch, **metrics, **self._monitor(), "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": epoch_time}
             self.history.append(row)
             if math.isnan(metrics["loss"]):
-                bar.close()
                 raise FloatingPointError(f"epoch {self.epoch}: the loss is NaN; stopping (lower --lr?)")
-            if self.is_main and (self.epoch % log_every == 0 or self.epoch == end):
-                bar.write(
-                    f"epoch {self.epoch:4d}  loss {row['loss']:.4f}  contrastive acc {row['contrastive_acc']:.3f}  "
-                    f"probe train {row['probe_train_acc']:.3f}  probe test {row['probe_test_acc']:.3f}  "
-                    f"k-NN test {row['weighted_knn_test_acc']:.3f}  ({epoch_time:.1f}s)"
-                )
+            if self.epoch % log_every == 0 or self.epoch == end:
+                self._info(_epoch_line(row))
             self._save()
-        bar.close()
-        if end < config.epochs:
-            self.log(f"stopped after epoch {end}/{config.epochs}; continue with --resume --out-dir {self.out_dir}")
-            return False
-        if self.is_main and self.history:
-            title = f"{config.method.upper()} on {config.dataset} ({config.backbone}, {config.image_size}px)"
-            plot_curves(self.out_dir / CURVES, self.history, title)
-        return True
 
     # ---- evaluation and export ----
 
@@ -367,8 +406,10 @@ class Trainer:
         results["random_init"] = encoder_scores(build_feature_extractor(self.spec).to(self.device))
         if config.raw_baseline:
             results["raw_pixels"] = scores(*(_pixels(s) for s in (train, test)))
+        monitor_seconds = sum(row.get("monitor_seconds") or 0.0 for row in self.history)
         results.update(
             dataset=config.dataset, method=config.method, epochs=config.epochs, train_seconds=round(self.train_seconds, 2),
+            monitor_seconds=round(monitor_seconds, 2),
             eval_seconds=round(time.perf_counter() - t0, 2), final_metrics=_json_safe(self.history[-1]) if self.history else None,
             config=self.config.to_dict(),
         )
@@ -377,10 +418,22 @@ class Trainer:
             dist.barrier()
         return results
 
-    def export(self, path: str | os.PathLike) -> Path:
-        """Save the encoder for nnclr_fast.load_encoder (safetensors + config.json)."""
+    def export(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the encoder for nnclr_fast.load_encoder (safetensors + config.json); a non-empty
+        directory only with ``overwrite`` (see export.export_encoder)."""
         extra = {"dataset": self.config.dataset, "method": self.config.method, "epochs": self.config.epochs}
-        return export_encoder(self.extractor, path, self.spec, extra=extra)
+        return export_encoder(self.extractor, path, self.spec, extra=extra, overwrite=overwrite)
+
+
+def _epoch_line(row: dict) -> str:
+    def value(key: str) -> str:
+        return "-" if row.get(key) is None else f"{row[key]:.3f}"
+
+    return (
+        f"epoch {row['epoch']:4d}  loss {row['loss']:.4f}  contrastive acc {value('contrastive_acc')}  NN acc {value('nn_acc')}  "
+        f"probe train {value('probe_train_acc')}  probe test {value('probe_test_acc')}  "
+        f"k-NN test {value('weighted_knn_test_acc')}  ({row['epoch_seconds']:.1f}s)"
+    )
 
 
 def _pixels(images: ImageSet) -> torch.Tensor:

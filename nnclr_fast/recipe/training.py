@@ -7,6 +7,9 @@ Order inside a step (the reason this module exists rather than a free-form loop)
 2. both projections are LOOKED UP in the support set;
 3. only then are the view-1 projections ENQUEUED.
 
+Both views are searched in ONE lookup of their 2B stacked projections, so the support set is
+streamed once per step, not once per view.
+
 Looking up after enqueueing would put z1 itself in the support set, so NN(z1) = z1 and the
 "nearest neighbour" positive degenerates into the view's own embedding (a SimCLR step in
 disguise, and z2's neighbour would mostly be its own pair's z1). What goes in is what the
@@ -15,6 +18,10 @@ support set is searched with: projections z (not backbone features), L2-normalis
 the support set with the current batch's embeddings at the end of each step; the Keras
 example enqueues the first view's projections after its lookups, as lightly's NNCLR example
 does with one view's projections; so does this step.
+
+NNCLR's own health signal is the NN accuracy (solo-learn's ``train_nn_acc``): the share of
+queries whose looked-up neighbour carries the query's label. It needs the labels of the stored
+rows, which a :class:`LabelQueue` keeps beside the support queue, enqueued in the same order.
 """
 
 from __future__ import annotations
@@ -27,9 +34,81 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnclr_fast.recipe.losses import contrastive_accuracy, nnclr_loss
+from nnclr_fast.ops.common import int_in_range
+from nnclr_fast.ops.support_queue import all_gather_rows
+from nnclr_fast.recipe.losses import LOSS_VARIANTS, contrastive_accuracy, nnclr_loss
 
 METHODS = ("nnclr", "simclr")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How one training step forms its loss (built from a TrainConfig by ``step_settings()``).
+
+    ``straight_through=False`` (the default) treats the neighbour as the constant it is, a
+    stored embedding; True lets the loss gradient through it to z, as the Keras example does.
+    """
+
+    method: str = "nnclr"
+    temperature: float = 0.1
+    loss_variant: str = "paper"
+    straight_through: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.loss_variant not in LOSS_VARIANTS:
+            raise ValueError(f"unknown loss_variant {self.loss_variant!r}; choose one of {', '.join(LOSS_VARIANTS)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+class LabelQueue(nn.Module):
+    """The labels of a :class:`~nnclr_fast.SupportQueue`'s rows, for the NN accuracy.
+
+    Fed the same batches in the same order as the support queue (``enqueue`` right after the
+    queue's), it writes them with the enqueue op's ring-buffer rule (row i of a batch goes to
+    slot ``(ptr + i) % size``, a batch larger than the queue keeps its last ``size`` rows), so
+    ``labels[j]`` is the label of the image whose projection sits in bank row j. -1 marks an
+    unfilled slot or an unlabelled image. ``labels`` and ``ptr`` are persistent buffers, saved
+    in checkpoints with the queue.
+    """
+
+    labels: torch.Tensor
+    ptr: torch.Tensor
+
+    def __init__(self, size: int):
+        super().__init__()
+        size = int_in_range("size", size)
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.int64))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def enqueue(self, labels: torch.Tensor, *, gather: bool = False) -> None:
+        """Append ``labels`` (B,) int64; ``gather``: all-gather every rank's first, in rank
+        order, as the support queue does under DDP (pass its ``gathers()``)."""
+        if labels.dim() != 1 or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be a 1-D int64 tensor, got {labels.dtype} of shape {tuple(labels.shape)}")
+        if gather:
+            labels = all_gather_rows(labels)
+        size, batch = self.labels.shape[0], labels.shape[0]
+        first = max(0, batch - size)
+        # Slots from the device-side pointer: no host sync, as in the support queue's enqueue.
+        slots = (self.ptr + first + torch.arange(batch - first, device=self.labels.device)) % size
+        self.labels.index_copy_(0, slots, labels[first:].to(self.labels.device))
+        self.ptr.copy_((self.ptr + batch) % size)
+
+    def at(self, indices: torch.Tensor) -> torch.Tensor:
+        """The labels of bank rows ``indices``; -1 where an index is -1 (nothing was found)."""
+        found = indices >= 0
+        return torch.where(found, self.labels[indices.clamp_min(0)], torch.full_like(indices, -1))
+
+
+def neighbour_label_matches(neighbour_labels: torch.Tensor, query_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(matches, counted), 0-dim tensors: over the queries whose own label and whose
+    neighbour's label are both known (>= 0), how many of the two agree. Decided on the device."""
+    counted = (query_labels >= 0) & (neighbour_labels >= 0)
+    return ((neighbour_labels == query_labels) & counted).sum(), counted.sum()
 
 
 @dataclass
@@ -40,6 +119,8 @@ class StepOutput:
     z1: torch.Tensor
     positives1: torch.Tensor
     positives2: torch.Tensor
+    # The bank rows both views were paired with (2B,; -1: none yet); None for SimCLR.
+    indices: Optional[torch.Tensor] = None
 
 
 def contrastive_step(
@@ -47,22 +128,14 @@ def contrastive_step(
     queue,
     x1: torch.Tensor,
     x2: torch.Tensor,
-    *,
-    method: str = "nnclr",
-    temperature: float = 0.1,
-    loss_variant: str = "paper",
-    straight_through: bool = False,
+    settings: StepSettings = StepSettings(),
 ) -> StepOutput:
     """Forward both views, form the positives, and return the loss (not yet backpropagated).
 
     ``model(x)`` returns (h, z, p) as :class:`nnclr_fast.recipe.models.NNCLR` does. ``queue`` is a
-    :class:`nnclr_fast.SupportQueue` (unused for ``method="simclr"``, may be None there).
-    For NNCLR the queue is updated in place, after the lookups (see the module docstring).
-    ``straight_through=False`` (the default) treats the neighbour as the constant it is, a
-    stored embedding; True lets the loss gradient through it to z, as the Keras example does.
+    :class:`nnclr_fast.SupportQueue` (unused for SimCLR, may be None there). For NNCLR the queue
+    is searched once for both views, then updated in place (see the module docstring).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     b = x1.shape[0]
     h, z, p = model(torch.cat([x1, x2]))
     # The search, the queue and the loss work in float32 whatever autocast produced.
@@ -70,16 +143,17 @@ def contrastive_step(
     h1, h2 = h[:b], h[b:]
     z1, z2 = z[:b], z[b:]
     p1, p2 = p[:b], p[b:]
-    if method == "nnclr":
+    indices = None
+    if settings.method == "nnclr":
         if queue is None:
             raise ValueError("method='nnclr' needs a support queue")
-        positives1 = queue.lookup(z1, straight_through=straight_through)
-        positives2 = queue.lookup(z2, straight_through=straight_through)
+        positives, indices = queue.lookup(z, straight_through=settings.straight_through, return_indices=True)
+        positives1, positives2 = positives[:b], positives[b:]
         queue.enqueue(z1.detach())
     else:
         positives1, positives2 = z1, z2
-    loss = nnclr_loss(positives1, positives2, p1, p2, temperature=temperature, variant=loss_variant)
-    return StepOutput(loss, h1, h2, z1, positives1, positives2)
+    loss = nnclr_loss(positives1, positives2, p1, p2, temperature=settings.temperature, variant=settings.loss_variant)
+    return StepOutput(loss, h1, h2, z1, positives1, positives2, indices)
 
 
 class OnlineProbe(nn.Module):
@@ -181,22 +255,26 @@ def train_one_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     *,
     device: torch.device,
+    settings: StepSettings = StepSettings(),
+    label_queue: Optional[LabelQueue] = None,
     generator: Optional[torch.Generator] = None,
-    method: str = "nnclr",
-    temperature: float = 0.1,
-    loss_variant: str = "paper",
-    straight_through: bool = False,
     amp_dtype: Optional[torch.dtype] = None,
     channels_last: bool = False,
     progress: Optional[Callable[[int, DeviceSums], None]] = None,
-) -> dict[str, float]:
+) -> dict[str, Optional[float]]:
     """One pass over ``batches`` (index tensors into ``images``/``labels``); returns the epoch's
-    mean loss, contrastive accuracy and online-probe loss/accuracy on the labelled rows.
+    mean loss, contrastive accuracy, online-probe loss/accuracy on the labelled rows and, for
+    NNCLR with a ``label_queue``, the NN accuracy (``nn_acc``: the share of queries of both
+    views, among those whose own and whose neighbour's labels are known, whose neighbour has
+    their label; None when not measured, NaN when nothing could be counted).
 
     ``probe`` is called as ``probe(features)`` (it may be wrapped in DistributedDataParallel).
+    ``label_queue`` must have been fed the same batches as ``queue`` so far (see LabelQueue).
     ``progress(step, sums)`` is called after every step with the running :class:`DeviceSums`
-    (``loss``, ``contrastive_acc``, ``probe_loss``, ``probe_hits``, ``labelled``).
+    (``loss``, ``contrastive_acc``, ``probe_loss``, ``probe_hits``, ``labelled``, and
+    ``nn_matches`` / ``nn_counted`` when the NN accuracy is measured).
     """
+    measure_nn = settings.method == "nnclr" and label_queue is not None
     model.train()
     probe.train()
     sums = DeviceSums()
@@ -208,10 +286,12 @@ def train_one_epoch(
             x1 = x1.contiguous(memory_format=torch.channels_last)
             x2 = x2.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = contrastive_step(
-                model, queue, x1, x2,
-                method=method, temperature=temperature, loss_variant=loss_variant, straight_through=straight_through,
-            )
+            out = contrastive_step(model, queue, x1, x2, settings)
+        if measure_nn:
+            # The labels as they were at the lookup, then this batch's, as the queue got its rows.
+            matches, counted = neighbour_label_matches(label_queue.at(out.indices), batch_labels.repeat(2))
+            label_queue.enqueue(batch_labels, gather=queue.gathers())
+            sums.add(nn_matches=matches, nn_counted=counted)
         probe_loss, hits, count = probe_loss_and_hits(probe(out.h1.detach()), batch_labels)
         optimizer.zero_grad(set_to_none=True)
         probe_optimizer.zero_grad(set_to_none=True)
@@ -226,10 +306,11 @@ def train_one_epoch(
         if progress is not None:
             progress(step, sums)
     steps = max(len(batches), 1)
-    labelled = sums.get("labelled")
+    labelled, nn_counted = sums.get("labelled"), sums.get("nn_counted")
     return {
         "loss": sums.get("loss") / steps,
         "contrastive_acc": sums.get("contrastive_acc") / steps,
         "probe_train_loss": sums.get("probe_loss") / labelled if labelled else float("nan"),
         "probe_train_acc": sums.get("probe_hits") / labelled if labelled else float("nan"),
+        "nn_acc": (sums.get("nn_matches") / nn_counted if nn_counted else float("nan")) if measure_nn else None,
     }

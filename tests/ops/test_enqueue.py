@@ -2,6 +2,7 @@
 kernel on a GPU) and its plain-PyTorch fallback (nnclr_fast.ops.enqueue.enqueue_torch), which
 must behave the same wherever the fallback can run."""
 
+import logging
 import shutil
 
 import pytest
@@ -141,7 +142,16 @@ def test_rows_of_any_scale_are_stored_as_unit_rows(any_enqueue, bank_dtype, x_dt
     assert zero[8] and (bank[zero] == 0).all()
 
 
-@pytest.mark.parametrize("ptr,count,match", [(5, 5, r"ptr must be in \[0, K\) = \[0, 5\), got 5"), (-1, 2, "got -1"), (10**9, 5, "got 1000000000"), (2, -5, r"count must be in \[0, K\] = \[0, 5\], got -5"), (0, 6, "got 6")])
+@pytest.mark.parametrize(
+    "ptr,count,match",
+    [
+        (5, 5, r"ptr must be in \[0, K\) = \[0, 5\), got 5"),
+        (-1, 2, "got -1"),
+        (10**9, 5, "got 1000000000"),
+        (2, -5, r"count must be in \[0, K\] = \[0, 5\], got -5"),
+        (0, 6, "got 6"),
+    ],
+)
 def test_corrupted_state_is_rejected_by_every_implementation(any_enqueue, ptr, count, match):
     # The fallback included: with ptr == K it would otherwise write rows 0 and 1.
     bank, p, c = torch.randn(5, 3), torch.tensor(ptr), torch.tensor(count)
@@ -293,15 +303,39 @@ def test_missing_compiler_is_reported(monkeypatch, tmp_path):
         extension.build_and_load("nnclr_fast_enqueue_no_cxx", with_cuda=False, build_dir=tmp_path)
 
 
+def test_a_first_use_build_is_announced_on_the_package_logger_at_info(monkeypatch, tmp_path, caplog):
+    loads = []
+
+    class FakeCppExtension:  # the build itself is proven by the packaging and CUDA tests
+        @staticmethod
+        def is_ninja_available():
+            return True
+
+        @staticmethod
+        def load(**kwargs):
+            loads.append(kwargs)
+
+    monkeypatch.setattr(extension, "_cpp_extension", lambda: FakeCppExtension)
+    with caplog.at_level(logging.INFO, logger="nnclr_fast"):
+        extension.build_and_load("nnclr_fast_enqueue_announce", with_cuda=False, build_dir=tmp_path)
+    (record,) = [r for r in caplog.records if r.name == "nnclr_fast.ops.extension"]
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == f"compiling the C++ enqueue extension (first use only, about 10 s; cached in {tmp_path})"
+    assert [kw["build_directory"] for kw in loads] == [str(tmp_path)]
+
+
 NO_COMPILER_SCRIPT = """
-import warnings, torch
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    import nnclr_fast
-    from nnclr_fast.ops import enqueue as enqueue_op
-    from nnclr_fast.ops.reference import reference_enqueue
-    queue = nnclr_fast.SupportQueue(5, 3)
-messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+import logging, torch
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("nnclr_fast").addHandler(handler)
+import nnclr_fast
+from nnclr_fast.ops import enqueue as enqueue_op
+from nnclr_fast.ops.reference import reference_enqueue
+queue = nnclr_fast.SupportQueue(5, 3)
+nnclr_fast.SupportQueue(4, 3)
+messages = [r.getMessage() for r in records if r.levelno == logging.WARNING and r.name == "nnclr_fast.ops.enqueue"]
 assert len(messages) == 1 and "needs a C++ compiler" in messages[0] and "plain-PyTorch" in messages[0], messages
 assert enqueue_op.load_extension() == "torch"
 ref = (queue.bank.clone(), queue.ptr.clone(), queue.count.clone())

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch import nn
 
 from nnclr_fast import NNMemoryBankModule, SupportQueue
 from nnclr_fast.ops.reference import reference_enqueue, reference_nn_lookup, reference_nn_topk
@@ -51,6 +52,7 @@ def test_initial_state_and_properties():
         (dict(size=8, dim=-1), ValueError, "dim"),
         (dict(size=8, dim=4, dtype=torch.float64), ValueError, "dtype"),
         (dict(size=8, dim=4, dtype=torch.int64), ValueError, "dtype"),
+        (dict(size=8, dim=4, gather_distributed=1), TypeError, "gather_distributed"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, error, match):
@@ -488,6 +490,22 @@ def test_differs_from_lightly_at_start_up_and_with_nan():
     assert torch.isfinite(ours(queries)).all()
 
 
+def test_a_checkpoint_saved_with_lightly_loads_with_strict_false():
+    # lightly's bank buffers are not persistent: its state_dict has no bank, ours has queue.*.
+    theirs = nn.Sequential(nn.Linear(8, 8))
+    theirs.add_module("nn_replacer", lightly_bank((32, 8)))
+    theirs[1](torch.randn(4, 8), update=True)
+    saved = theirs.state_dict()
+    assert set(saved) == {"0.weight", "0.bias"}
+    ours = nn.Sequential(nn.Linear(8, 8))
+    ours.add_module("nn_replacer", NNMemoryBankModule(size=(32, 8)))
+    with pytest.raises(RuntimeError, match="Missing key.*nn_replacer.queue.bank.*nn_replacer.queue.ptr.*nn_replacer.queue.count"):
+        ours.load_state_dict(saved)
+    result = ours.load_state_dict(saved, strict=False)
+    assert result.missing_keys == ["nn_replacer.queue.bank", "nn_replacer.queue.ptr", "nn_replacer.queue.count"]
+    assert torch.equal(ours[0].weight, theirs[0].weight) and int(ours[1].queue.count) == 0
+
+
 # ------------------------------------------------------------------------------------------
 # torch.distributed: two CPU processes (gloo) end with identical queues
 
@@ -509,9 +527,12 @@ def worker(rank, store_path, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
     try:
         queue = SupportQueue(SIZE, DIM, dtype=torch.bfloat16)
+        local = NNMemoryBankModule(size=(SIZE, DIM), dtype=torch.bfloat16, gather_distributed=False)
         for step in range(len(BATCHES)):
             queue.enqueue(rank_batch(rank, step))
+            local(rank_batch(rank, step), update=True)
         torch.save(queue.state_dict(), f"{out_dir}/rank{rank}.pt")
+        torch.save(local.queue.state_dict(), f"{out_dir}/rank{rank}_local.pt")
     finally:
         dist.destroy_process_group()
 
@@ -538,3 +559,12 @@ def test_ranks_hold_identical_queues(tmp_path):
     assert int(states[0]["ptr"]) == int(expected[1]) == (2 * sum(BATCHES)) % SIZE
     assert int(states[0]["count"]) == int(expected[2]) == SIZE
     torch.testing.assert_close(states[0]["bank"], expected[0], atol=torch.finfo(torch.bfloat16).eps, rtol=0)
+
+    # gather_distributed=False (lightly's behaviour): each rank's bank holds its own rows only.
+    for rank in range(WORLD_SIZE):
+        local = torch.load(tmp_path / f"rank{rank}_local.pt")
+        expected = (torch.zeros(SIZE, DIM, dtype=torch.bfloat16), torch.tensor(0), torch.tensor(0))
+        for step in range(len(BATCHES)):
+            expected = reference_enqueue(*expected, rank_batch(rank, step))
+        assert int(local["ptr"]) == int(expected[1]) == sum(BATCHES) % SIZE
+        torch.testing.assert_close(local["bank"], expected[0], atol=torch.finfo(torch.bfloat16).eps, rtol=0)

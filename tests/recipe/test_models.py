@@ -21,7 +21,7 @@ def _layers(module, kind):
 def test_projection_head_matches_the_paper_by_default():
     head = ProjectionHead(512)
     linears = _layers(head, nn.Linear)
-    assert [(l.in_features, l.out_features) for l in linears] == [(512, 2048), (2048, 2048), (2048, 256)]
+    assert [(layer.in_features, layer.out_features) for layer in linears] == [(512, 2048), (2048, 2048), (2048, 256)]
     # Batch norm after every linear layer, the last one included; ReLU only between layers.
     assert [b.num_features for b in _layers(head, nn.BatchNorm1d)] == [2048, 2048, 256]
     assert len(_layers(head, nn.ReLU)) == 2
@@ -32,7 +32,7 @@ def test_projection_head_matches_the_paper_by_default():
 def test_prediction_head_matches_the_paper_by_default():
     head = PredictionHead()
     linears = _layers(head, nn.Linear)
-    assert [(l.in_features, l.out_features) for l in linears] == [(256, 4096), (4096, 256)]
+    assert [(layer.in_features, layer.out_features) for layer in linears] == [(256, 4096), (4096, 256)]
     assert [b.num_features for b in _layers(head, nn.BatchNorm1d)] == [4096]
     assert isinstance(head.net[-1], nn.Linear)
     assert head(torch.randn(3, 256)).shape == (3, 256)
@@ -40,9 +40,9 @@ def test_prediction_head_matches_the_paper_by_default():
 
 def test_head_sizes_are_configurable():
     proj = ProjectionHead(32, hidden_dim=64, out_dim=16, num_layers=2)
-    assert [(l.in_features, l.out_features) for l in _layers(proj, nn.Linear)] == [(32, 64), (64, 16)]
+    assert [(layer.in_features, layer.out_features) for layer in _layers(proj, nn.Linear)] == [(32, 64), (64, 16)]
     pred = PredictionHead(16, hidden_dim=48, out_dim=16)
-    assert [(l.in_features, l.out_features) for l in _layers(pred, nn.Linear)] == [(16, 48), (48, 16)]
+    assert [(layer.in_features, layer.out_features) for layer in _layers(pred, nn.Linear)] == [(16, 48), (48, 16)]
     with pytest.raises(ValueError, match="num_layers"):
         ProjectionHead(8, num_layers=0)
 
@@ -147,7 +147,7 @@ def test_nnclr_takes_a_plain_sequential_backbone_with_an_explicit_feature_dim():
 def test_nnclr_infers_the_feature_dim_of_a_sequential_backbone_on_the_first_batch():
     model = NNCLR(_sequential(), proj_hidden_dim=32, proj_dim=12, pred_hidden_dim=24)
     with pytest.raises(RuntimeError, match="Sequential encoder is not known until the first forward.*feature_dim="):
-        model.feature_dim
+        _ = model.feature_dim
     optimizer = torch.optim.AdamW(model.parameters())
     h, z, p = model(torch.rand(5, 3, 4, 4))
     assert model.feature_dim == 20 and z.shape == (5, 12)

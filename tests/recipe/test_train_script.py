@@ -1,13 +1,14 @@
-"""examples/train_nnclr.py and examples/minimal_nnclr.py end to end on tiny configurations, and
-the training script's answers to bad input.
+"""The training command (nnclr_fast.recipe.cli: `nnclr-train`, `python examples/train_nnclr.py`)
+and examples/minimal_nnclr.py end to end on tiny configurations, and the command's answers to bad
+input.
 
 Training runs go through a subprocess, as a user runs the script, without TRITON_INTERPRET:
 under the interpreter (which conftest turns on for the kernel tests) every nearest-neighbour
-lookup would take seconds; without it the CPU takes the plain-PyTorch path users get.
+lookup would take seconds; without it the CPU takes the plain-PyTorch path users get. Progress
+messages are logged to stderr, the results table is printed to stdout.
 Bad-input checks call main() in-process: they must fail before any training starts.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 import nnclr_fast
+from nnclr_fast.recipe import cli
 from test_data import write_stl10
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,16 +40,9 @@ def run_script(*args, cwd=None, script=SCRIPT):
     return proc
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_nnclr", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def script():
-    return load_script()
+    return cli
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,7 @@ def tiny_run(tmp_path_factory):
     export = out.parent / "exported"
     proc = run_script("--epochs", "1", *TINY, "--out-dir", out, "--export", export)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, export, proc.stdout
+    return out, export, proc.stdout, proc.stderr
 
 
 def test_help_lists_the_options(script, capsys):
@@ -70,10 +65,12 @@ def test_help_lists_the_options(script, capsys):
     ):
         assert option in out
     assert "default per dataset:" in out
+    # Both ways to run it.
+    assert "nnclr-train [options]" in out and "python examples/train_nnclr.py [options]" in out
 
 
 def test_end_to_end_writes_results_metrics_and_curves(tiny_run):
-    out, _, stdout = tiny_run
+    out, _, stdout, _ = tiny_run
     results = json.loads((out / "results.json").read_text())
     for key in ("linear_acc", "knn_acc", "weighted_knn_acc", "linear_acc_5_per_class"):
         assert 0.0 <= results[key] <= 1.0
@@ -88,8 +85,15 @@ def test_end_to_end_writes_results_metrics_and_curves(tiny_run):
     assert "random init" in stdout and "k-NN" in stdout and "raw pixels" in stdout
 
 
+def test_progress_goes_to_stderr_through_the_package_logger(tiny_run):
+    _, _, _, stderr = tiny_run
+    assert "NNCLR on digits: 1257 pre-training images" in stderr
+    assert "epoch    1  loss" in stderr and "NN acc" in stderr
+    assert "exported the encoder to" in stderr
+
+
 def test_exported_encoder_is_the_trained_encoder(tiny_run):
-    out, export, _ = tiny_run
+    out, export, _, _ = tiny_run
     encoder = nnclr_fast.load_encoder(export)
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     from nnclr_fast.recipe.models import build_feature_extractor
@@ -127,11 +131,11 @@ def test_resume_continues_as_if_never_stopped(tmp_path):
     assert straight.returncode == 0, straight.stderr
     first = run_script(*args, "--out-dir", tmp_path / "split", "--stop-after-epochs", "1")
     assert first.returncode == 0, first.stderr
-    assert "stopped after epoch 1/2" in first.stdout
+    assert "stopped after epoch 1/2" in first.stderr
     assert not (tmp_path / "split" / "results.json").exists()
     second = run_script(*args, "--out-dir", tmp_path / "split", "--resume")
     assert second.returncode == 0, second.stderr
-    assert "resumed" in second.stdout
+    assert "resumed" in second.stderr
 
     a, b = _state(tmp_path / "straight" / "checkpoint.pt"), _state(tmp_path / "split" / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 2
@@ -154,7 +158,7 @@ def test_stl10_end_to_end_through_the_real_loader(tmp_path):
         "--out-dir", tmp_path / "run",
     )
     assert proc.returncode == 0, proc.stderr
-    assert "24 pre-training images, 10 labelled, 6 test" in proc.stdout
+    assert "24 pre-training images, 10 labelled, 6 test" in proc.stderr
     assert set(json.loads((tmp_path / "run" / "results.json").read_text())["random_init"]) >= {"linear_acc", "knn_acc"}
 
 
@@ -201,7 +205,7 @@ def _snapshot(directory):
 
 
 def test_checkpoint_from_another_configuration_is_refused_untouched(script, capsys, tiny_run):
-    out, _, _ = tiny_run
+    out, _, _, _ = tiny_run
     before = _snapshot(out)
     err = fails_with(script, capsys, ["--epochs", "1", *TINY, "--out-dir", out, "--resume", "--width", "32"], "different configuration")
     assert "width: checkpoint" in err
@@ -209,10 +213,17 @@ def test_checkpoint_from_another_configuration_is_refused_untouched(script, caps
 
 
 def test_existing_run_is_never_overwritten(script, capsys, tiny_run):
-    out, _, _ = tiny_run
+    out, _, _, _ = tiny_run
     before = _snapshot(out)
     fails_with(script, capsys, ["--epochs", "1", *TINY, "--out-dir", out], "already holds a run")
     assert _snapshot(out) == before
+
+
+def test_an_earlier_export_is_never_overwritten_unless_asked(script, capsys, tiny_run, tmp_path):
+    _, export, _, _ = tiny_run
+    before = _snapshot(export)
+    fails_with(script, capsys, ["--epochs", "1", *TINY, "--out-dir", tmp_path / "r", "--export", export], "--overwrite")
+    assert _snapshot(export) == before and not (tmp_path / "r").exists()
 
 
 def test_resume_without_a_checkpoint(script, capsys, tmp_path):
@@ -238,10 +249,13 @@ def test_two_processes_with_gloo_share_one_queue(tmp_path):
         capture_output=True, text=True, env=env, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "x 2 processes" in proc.stdout
+    assert "x 2 processes" in proc.stderr
     state = _state(tmp_path / "ddp" / "checkpoint.pt")
     # 1257 images / (16 x 2 ranks) = 39 steps; each step appends both ranks' 16 rows.
     assert int(state["queue"]["count"]) == int(state["queue"]["ptr"]) == 39 * 32
+    # The label queue gathers as the support queue does: both ranks' labels, in the same slots.
+    labels = state["label_queue"]["labels"]
+    assert int(state["label_queue"]["ptr"]) == 39 * 32 and (labels[: 39 * 32] >= 0).all() and (labels[39 * 32 :] == -1).all()
     # One RNG state per rank, and the ranks augment differently.
     assert len(state["rng"]) == 2
     assert not torch.equal(state["rng"][0]["generators"]["augment"], state["rng"][1]["generators"]["augment"])
@@ -258,5 +272,11 @@ def test_the_minimal_example_trains_and_reports_a_knn_accuracy():
 
 
 def test_the_examples_stay_short():
-    assert len(SCRIPT.read_text().splitlines()) <= 200
+    assert len(SCRIPT.read_text().splitlines()) <= 30
     assert len(MINIMAL.read_text().splitlines()) <= 80
+
+
+def test_a_missing_recipe_dependency_names_the_extra(script, capsys, monkeypatch, tmp_path):
+    monkeypatch.setitem(cli.RECIPE_DEPENDENCIES, "nnclr_fast_no_such_module", "no-such-distribution")
+    fails_with(script, capsys, ["--out-dir", tmp_path / "r"], "needs no-such-distribution: pip install 'nnclr_fast[examples]'")
+    assert not (tmp_path / "r").exists()
