@@ -23,23 +23,28 @@ and a slot no searchable row can fill holds index -1 and score -inf.
 from __future__ import annotations
 
 import functools
-import os
 import re
 
 import numpy
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
 from nnclr_fast.ops.common import NORMALIZE_EPS
-from nnclr_fast.ops.nn_search_plan import INTERPRETER, DeviceSpec, SearchProblem, TensorDescriptor, plan_search
+from nnclr_fast.ops.nn_search_plan import (
+    INTERPRETER,
+    DeviceSpec,
+    FusedSearchUnavailable,
+    SearchProblem,
+    TensorDescriptor,
+    fallback_plan,
+    interpreting,
+    plan_search,
+)
 
 # Index of "no candidate": above every real index, so it loses every tie, and reported as -1.
 SENTINEL = tl.constexpr(2**31 - 1)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -121,6 +126,7 @@ def _nn_search_kernel(
     TOPK_PAD: tl.constexpr,
     LOOKUP: tl.constexpr,
     IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     USE_TMA: tl.constexpr,
     D_RESIDENT: tl.constexpr,
@@ -201,7 +207,7 @@ def _nn_search_kernel(
                 # float32, so the upcast dot gives the tensor-core numbers.
                 acc = tl.dot(zr, tl.trans(q.to(tl.float32)), input_precision="ieee")
             else:
-                acc = tl.dot(zr, tl.trans(q), input_precision="tf32")
+                acc = tl.dot(zr, tl.trans(q), input_precision=DOT_PRECISION)
             if NORMALIZE_QUEUE:
                 qf = q.to(tl.float32)
                 q_sq = tl.sum(qf * qf, axis=1)
@@ -225,7 +231,7 @@ def _nn_search_kernel(
                 elif UPCAST_DOT:
                     acc = tl.dot(zc.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(zc, tl.trans(q), acc, input_precision="tf32")
+                    acc = tl.dot(zc, tl.trans(q), acc, input_precision=DOT_PRECISION)
         # Per column, not per score: rows past the slice get -inf and the sentinel index, so they
         # lose every comparison, even against a real row scoring -inf (which has a lower index).
         col_bias = tl.where(in_slice, 0.0, float("-inf"))
@@ -311,15 +317,49 @@ def _nn_search_kernel(
 # constexprs) comes from nnclr_fast.ops.nn_search_plan.
 
 
+# Kernels (device, plan.kernel_key) that launched, and why those that failed did: a failure is
+# learned once, so later calls that would build the same kernel go straight to the fallback.
+_LAUNCHED: set[tuple] = set()
+_FAILED: dict[tuple, str] = {}
+# What a kernel that cannot compile or launch raises: Triton's own errors (OutOfResources,
+# CompilationError, PTXASError) and the RuntimeErrors of its MLIR passes and GPU drivers.
+_LAUNCH_ERRORS = (TritonError, RuntimeError)
+
+
 def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
+    """The fused kernel's (out, indices, values); raises FusedSearchUnavailable (naming the device,
+    the reason and the fix) when it cannot run this call here."""
     if interpreting():
-        problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
-        if problem:
-            raise RuntimeError(problem)
+        incompatible = interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if incompatible:
+            raise FusedSearchUnavailable(incompatible)
         device = INTERPRETER
     else:
         device = DeviceSpec.of(z.device)
     plan = plan_search(SearchProblem.of(z, queue, k, lookup, ieee, normalize_queue, valid is not None), device)
+    if not plan.fused:
+        raise FusedSearchUnavailable(plan.fallback)
+    key = (device, plan.kernel_key)
+    if key in _FAILED:
+        raise FusedSearchUnavailable(_FAILED[key])
+    if key in _LAUNCHED:
+        return _launch(plan, z, queue, valid, k, lookup)
+    try:
+        result = _launch(plan, z, queue, valid, k, lookup)
+    except torch.OutOfMemoryError:
+        raise  # the device's memory, not the kernel (and the fallback would need more of it)
+    except _LAUNCH_ERRORS as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _FAILED[key] = fallback_plan(
+            device, f"the fused kernel ({plan.config.name}) failed to compile or launch ({type(e).__name__}: {first_line})",
+            "none needed for correct results; report it to nnclr_fast with the output of `python -m nnclr_fast`: "
+            "its launch plans should fit every supported GPU").fallback
+        raise FusedSearchUnavailable(_FAILED[key]) from e
+    _LAUNCHED.add(key)
+    return result
+
+
+def _launch(plan, z, queue, valid, k, lookup):
     batch, dim = z.shape
     q_desc = TensorDescriptor.from_tensor(queue, list(plan.block_shape)) if plan.use_tma else queue
     query_blocks, splits = plan.grid
