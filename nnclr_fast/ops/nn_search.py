@@ -21,6 +21,7 @@ Dispatch:
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Optional
@@ -66,12 +67,11 @@ def _triton_path(z: Tensor, queue: Tensor) -> bool:
 def _fused_search():
     """nnclr_fast.ops.nn_search_triton, imported on first use (it needs Triton)."""
     try:
-        from nnclr_fast.ops import nn_search_triton
+        return importlib.import_module("nnclr_fast.ops.nn_search_triton")
     except ImportError as e:
         raise FusedSearchUnavailable(
             f"Triton cannot be imported ({e}). Fix: install Triton (`pip install triton`, Linux only)"
         ) from e
-    return nn_search_triton
 
 
 def strict() -> bool:

@@ -402,17 +402,25 @@ def plan_search(problem: SearchProblem, device: DeviceSpec) -> SearchPlan:
                 device, f"no config of the fused kernel fits D={problem.dim} into {device.smem_per_block // 1024} KiB "
                 f"of shared memory per block with {SMEM_MARGIN // 1024} KiB to spare",
                 "none needed for correct results; report the device and D to nnclr_fast")
+    return plan_with(cfg, problem, device)
+
+
+def plan_with(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec) -> SearchPlan:
+    """The plan that runs ``cfg`` for ``problem`` on ``device`` (whether it fits is plan_search's
+    business; benchmarks/kernel_report.py compiles every candidate through this)."""
     block_d = cfg.block_d_for(problem.dim)
     splits = num_splits_for(problem.batch, problem.num_rows, cfg, device.num_sms)
     topk_pad = _next_power_of_2(problem.k)
+    dot_precision = _dot_precision(problem, device)
     constexprs = dict(
         HAS_VALID=problem.has_valid,
         NORMALIZE_QUEUE=problem.normalize_queue,
         TOPK=problem.k,
         TOPK_PAD=topk_pad,
         LOOKUP=problem.lookup,
-        IEEE=problem.ieee,
-        DOT_PRECISION=_dot_precision(problem, device),
+        # Exact float32 operands: asked for, or a float32 queue where there is no TF32 (gfx90a).
+        IEEE=problem.ieee or dot_precision == "ieee" and problem.queue_dtype == torch.float32,
+        DOT_PRECISION=dot_precision,
         # The interpreter mis-computes 16-bit dots: the kernel upcasts the rounded operands there.
         UPCAST_DOT=device.backend == "interpreter",
         USE_TMA=problem.queue_tma_layout and _has_tma(device),

@@ -349,14 +349,20 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
     except torch.OutOfMemoryError:
         raise  # the device's memory, not the kernel (and the fallback would need more of it)
     except _LAUNCH_ERRORS as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         _FAILED[key] = fallback_plan(
-            device, f"the fused kernel ({plan.config.name}) failed to compile or launch ({type(e).__name__}: {first_line})",
+            device, f"the fused kernel ({plan.config.name}) failed to compile or launch ({_summary(e)})",
             "none needed for correct results; report it to nnclr_fast with the output of `python -m nnclr_fast`: "
             "its launch plans should fit every supported GPU").fallback
         raise FusedSearchUnavailable(_FAILED[key]) from e
     _LAUNCHED.add(key)
     return result
+
+
+def _summary(error: Exception) -> str:
+    # A CompilationError's text starts with the source excerpt; its own message is the news.
+    text = getattr(error, "error_message", None) or str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def _launch(plan, z, queue, valid, k, lookup):
