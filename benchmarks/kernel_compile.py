@@ -106,10 +106,11 @@ def search_spec(fn, problem, plan, other_kernel: bool = False) -> dict:
             raise KeyError(f"kernel argument {name!r} has no compile type in benchmarks/kernel_compile.py")
     const.update({name: 1 for name in _UNIT_STRIDES})
     return dict(fn=fn, sig=sig, const=const, aligned=[n for n in _ALIGNED if n in sig],
-                num_warps=plan.num_warps, num_stages=plan.num_stages)
+                num_warps=plan.num_warps, num_stages=plan.num_stages, maxnreg=plan.maxnreg)
 
 
-def compile_kernel(arch: str, fn, sig: dict, const: dict, aligned: list, num_warps: int, num_stages: int) -> dict:
+def compile_kernel(arch: str, fn, sig: dict, const: dict, aligned: list, num_warps: int, num_stages: int,
+                   maxnreg: int | None = None) -> dict:
     """Compile ``fn`` for ``arch`` (a key of TARGETS) and return its resources and instruction facts."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -119,15 +120,17 @@ def compile_kernel(arch: str, fn, sig: dict, const: dict, aligned: list, num_war
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget(backend, target_arch, warp_size),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    kernel = triton.compile(src, target=GPUTarget(backend, target_arch, warp_size), options=options)
     facts = cuda_facts(kernel.asm["cubin"]) if backend == "cuda" else amdgcn_facts(kernel.asm["amdgcn"])
     return dict(facts, arch=arch, shared=int(kernel.metadata.shared), num_warps=num_warps, num_stages=num_stages)
 
 
 def compile_spec(arch: str, spec: dict) -> dict:
     return compile_kernel(arch, spec["fn"], spec["sig"], spec["const"], spec["aligned"], spec["num_warps"],
-                          spec["num_stages"])
+                          spec["num_stages"], spec.get("maxnreg"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,8 +324,9 @@ MATRIX_K = 98_304
 
 def matrix_problems():
     """Every queue dtype x precision x D x B, lookup and top-5 (queries in float32, whose
-    D-chunks take the most shared memory); then top-16 of a raw bank (the most registers) once per
-    operand type with queries in the queue's dtype, and the pointer-load path at D=256."""
+    D-chunks take the most shared memory); then top-16 of a raw bank (the most registers) once on
+    tensor cores (bfloat16) and once exact (float32), with queries in the queue's dtype; and the
+    pointer-load path at D=256."""
     import torch
 
     from nnclr_fast.ops.nn_search_plan import SearchProblem
@@ -331,7 +335,7 @@ def matrix_problems():
     for q, ieee, dim, batch, (k, lookup) in itertools.product(dtypes, (False, True), MATRIX_D, MATRIX_B,
                                                               ((1, True), (5, False))):
         yield SearchProblem(batch, dim, MATRIX_K, torch.float32, q, ieee, k, lookup, has_valid=True)
-    for q, ieee in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+    for q, ieee in ((torch.bfloat16, False), (torch.float32, True)):
         yield SearchProblem(512, 256, MATRIX_K, q, q, ieee, 16, False, normalize_queue=True, has_valid=True)
     # A queue TMA cannot describe (e.g. a strided view): pointer loads where TMA would serve.
     for q in (torch.bfloat16, torch.float32):
@@ -355,8 +359,8 @@ def _compile_job(job):
 
 
 def _spec_key(arch, spec) -> str:
-    return json.dumps([arch, spec["sig"], sorted(spec["const"].items()), spec["num_warps"], spec["num_stages"]],
-                      default=str)
+    return json.dumps([arch, spec["sig"], sorted(spec["const"].items()), spec["num_warps"], spec["num_stages"],
+                       spec["maxnreg"]], default=str)
 
 
 def run_matrix(jobs: int = 2) -> dict:

@@ -141,7 +141,7 @@ def _compile_job(spec_key):
         if n == name:
             const = spec["const"]
             facts = kc.compile_kernel("sm_90a", spec["fn"], spec["sig"], const, spec["aligned"], spec["num_warps"],
-                                      spec["num_stages"])
+                                      spec["num_stages"], spec.get("maxnreg"))
             return spec_key, facts, {"BLOCK_B": const["BLOCK_B"], "BLOCK_K": const["BLOCK_K"], "BLOCK_D": const["BLOCK_D"]}
     raise KeyError(name)
 

@@ -47,6 +47,8 @@ MAX_RESIDENT_D = 256
 # Shared memory a plan leaves free below the device's per-block limit: compiler versions move
 # the layout by a few KiB (Triton 3.6-3.9 differ by <= 0.5 KiB on this kernel).
 SMEM_MARGIN = 8 << 10
+# 32-bit registers per SM on every CUDA architecture planned for.
+REGISTERS_PER_SM = 65_536
 
 _BACKENDS = ("cuda", "hip", "interpreter")
 _CUDA_ARCH = re.compile(r"sm_(\d+)(\d)a?")
@@ -211,11 +213,11 @@ ARCH_FAMILY = {
 NO_TENSOR_CORES = ("sm_70", "sm_75")
 
 _HOPPER_CLASS = {  # wgmma and tcgen05: 227 KiB per block
-    "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _chunked("mma16", 128, 128, 64, 8, 3)),
+    "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _chunked("mma16", 128, 64, 64, 8, 3)),
     # At D=256 three float32 stages (224 KiB) leave less than the margin: two stages then.
     "tf32": (_resident("tf32", 128, 32, 8, 3), _resident("tf32", 128, 32, 8, 2), _resident("tf32", 64, 32, 4, 3),
              _chunked("tf32", 128, 64, 32, 8, 3)),
-    "ieee": (_chunked("ieee", 64, 32, 32, 4, 3, ctas_per_sm=2),),
+    "ieee": (_chunked("ieee", 64, 32, 16, 4, 3, ctas_per_sm=2),),
 }
 CANDIDATES = {
     "wgmma": _HOPPER_CLASS,
@@ -223,10 +225,9 @@ CANDIDATES = {
     # 163 KiB (sm_80) or 99 KiB (sm_86, sm_89, sm_120) per block.
     "mma_sync": {
         "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _resident("mma16", 64, 32, 4, 4),
-                  _chunked("mma16", 128, 128, 64, 8, 3), _chunked("mma16", 128, 64, 32, 8, 3)),
+                  _chunked("mma16", 128, 64, 64, 8, 3), _chunked("mma16", 128, 64, 32, 8, 3)),
         "tf32": (_resident("tf32", 128, 32, 8, 3), _resident("tf32", 64, 32, 4, 3), _chunked("tf32", 128, 64, 32, 8, 3)),
-        # 32-row queue tiles: 64 rows need more than 255 registers for top-16 on sm_86.
-        "ieee": (_chunked("ieee", 64, 32, 32, 4, 3, ctas_per_sm=2),),
+        "ieee": (_chunked("ieee", 64, 32, 16, 4, 3, ctas_per_sm=2),),
     },
     # 64 KiB of LDS per block.
     "mfma": {
@@ -252,18 +253,20 @@ def smem_estimate(cfg: SearchConfig, problem: SearchProblem, family: str) -> int
 
     The pipelined queue tiles; the resident queries as the dot's operand (on AMD staged through
     LDS before the loop, so not live at the same time as the tiles); with D-chunks, the pipelined
-    query chunks in z's dtype, their converted operand and a converted queue chunk when the
-    queue's dtype is not the operand's; BLOCK_B x 8 bytes of reduction scratch.
+    query chunks in z's dtype, their converted operand, a converted queue chunk when the queue's
+    dtype is not the operand's, and a queue buffer per stage (TMA keeps one more than cp.async);
+    BLOCK_B x 8 bytes of reduction scratch and 256 bytes of pipeline barriers.
     """
     operand = 4 if cfg.kind in ("tf32", "ieee", "fp32") else 2
     queue_item, z_item = problem.queue_dtype.itemsize, problem.z_dtype.itemsize
     block_d = cfg.block_d_for(problem.dim)
     buffers = cfg.num_stages if family in ("wgmma", "tcgen05") else cfg.num_stages - 1
-    tiles = buffers * cfg.block_k * block_d * queue_item
-    scratch = cfg.block_b * 8
+    scratch = cfg.block_b * 8 + 256
     if cfg.d_resident:
+        tiles = buffers * cfg.block_k * block_d * queue_item
         queries = cfg.block_b * block_d * operand
         return (max(queries, tiles) if family == "mfma" else queries + tiles) + scratch
+    tiles = cfg.num_stages * cfg.block_k * block_d * queue_item
     converted_queue = cfg.block_k * block_d * operand if queue_item != operand else 0
     return buffers * cfg.block_b * block_d * z_item + tiles + cfg.block_b * block_d * operand + converted_queue + scratch
 
@@ -350,6 +353,9 @@ class SearchPlan:
     num_warps: int = 0
     num_stages: int = 0
     fallback: Optional[str] = None
+    # CUDA: the registers per thread ptxas may use (.maxnreg). Without it ptxas caps a kernel
+    # near an occupancy step of its own choosing (128 registers at 8 warps) and spills a few bytes.
+    maxnreg: Optional[int] = None
 
     @property
     def fused(self) -> bool:
@@ -369,7 +375,7 @@ class SearchPlan:
     def kernel_key(self) -> tuple:
         """What identifies the compiled kernel (the grid does not): one compile serves every plan
         with the same key."""
-        return self.constexprs, self.num_warps, self.num_stages
+        return self.constexprs, self.num_warps, self.num_stages, self.maxnreg
 
 
 def choose_config(problem: SearchProblem, device: DeviceSpec) -> Optional[SearchConfig]:
@@ -432,4 +438,8 @@ def plan_with(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec) -> 
         MERGE_COLS=max(16, min(32, _next_power_of_2(splits * topk_pad))),
     )
     grid = (_cdiv(problem.batch, cfg.block_b), splits)
-    return SearchPlan(cfg, grid, tuple(constexprs.items()), cfg.num_warps, cfg.num_stages)
+    maxnreg = None
+    if device.backend == "cuda":
+        # As many as let ctas_per_sm CTAs share the 64 K-register file, at most 255.
+        maxnreg = min(255, REGISTERS_PER_SM // (cfg.ctas_per_sm * cfg.num_warps * 32))
+    return SearchPlan(cfg, grid, tuple(constexprs.items()), cfg.num_warps, cfg.num_stages, maxnreg=maxnreg)

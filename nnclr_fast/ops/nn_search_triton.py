@@ -349,11 +349,15 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
     except torch.OutOfMemoryError:
         raise  # the device's memory, not the kernel (and the fallback would need more of it)
     except _LAUNCH_ERRORS as e:
-        _FAILED[key] = fallback_plan(
+        reason = fallback_plan(
             device, f"the fused kernel ({plan.config.name}) failed to compile or launch ({_summary(e)})",
             "none needed for correct results; report it to nnclr_fast with the output of `python -m nnclr_fast`: "
             "its launch plans should fit every supported GPU").fallback
-        raise FusedSearchUnavailable(_FAILED[key]) from e
+        # A kernel first built inside CUDA-graph capture may fail for that alone (loading a module
+        # is not capturable): the PyTorch path is captured this time, the kernel tried again later.
+        if not (z.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _FAILED[key] = reason
+        raise FusedSearchUnavailable(reason) from e
     _LAUNCHED.add(key)
     return result
 
@@ -407,6 +411,7 @@ def _launch(plan, z, queue, valid, k, lookup):
         **dict(plan.constexprs),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
+        **({"maxnreg": plan.maxnreg} if plan.maxnreg is not None else {}),
     )
     return out, out_idx, out_val
 

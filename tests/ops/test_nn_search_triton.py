@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_MATH = {"mma_sync": "mma.sync", "wgmma": "wgmma", "tcgen05": "tcgen05", "mfma": "mfma"}
 
 
+pytestmark = pytest.mark.slow  # ~390 distinct compiles: about 16 CPU-minutes cold (Triton caches them)
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory):
     out = tmp_path_factory.mktemp("plan_matrix") / "matrix.json"
