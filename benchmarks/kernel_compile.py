@@ -399,21 +399,24 @@ def run_matrix(jobs: int = 2) -> dict:
 
 
 def to_markdown(matrix: dict) -> str:
-    """Per architecture: what the plans run and the extremes of what their compiles use."""
+    """Per architecture: what the plans run and the extremes of what their compiles use; then
+    per architecture and config: where it is planned and what its compiles use."""
     lines = [
         "# Plan matrix: every launch plan, compiled offline",
         "",
-        f"{len(matrix['cases'])} (device, problem) cases, {len(matrix['compiles'])} distinct kernels compiled "
-        f"in {matrix['wall_s']} s on {matrix['jobs']} processes. Static facts from the compiler; nothing here "
-        "was run or timed on a GPU.",
+        f"{len(matrix['cases'])} (device, problem) cases, {len(matrix['compiles'])} distinct kernels, compiled with "
+        "Triton's offline toolchains by `python benchmarks/kernel_compile.py` and judged by "
+        "tests/ops/test_nn_search_triton.py. Static facts from the compiler: nothing here was run or timed on a GPU.",
         "",
         "| architecture (device) | runs | configs | max shared KiB (limit) | max registers | spills | "
         "matrix instructions | queue loads |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    by_arch = {}
+    by_arch, by_config = {}, {}
     for case in matrix["cases"]:
         by_arch.setdefault((case["arch"], case["device"], case["smem_per_block"]), []).append(case)
+        if case["fused"]:
+            by_config.setdefault((case["arch"], case["config"]), []).append(case)
     for (arch, device, limit), cases in by_arch.items():
         fused = [c for c in cases if c["fused"]]
         if not fused:
@@ -421,13 +424,35 @@ def to_markdown(matrix: dict) -> str:
             lines.append(f"| {arch} ({device}) | fallback: {'; '.join(reasons)} | | | | | | |")
             continue
         facts = [matrix["compiles"][c["compile_id"]] for c in fused]
-        configs = sorted({c["config"] for c in fused})
-        ops = sorted({f["tensor_op"] for f in facts})
-        loads = sorted({f["queue_loads"] for f in facts})
         lines.append(
-            f"| {arch} ({device}) | fused kernel ({len(fused)}/{len(cases)} cases) | {', '.join(configs)} "
+            f"| {arch} ({device}) | fused kernel ({len(fused)}/{len(cases)} cases) "
+            f"| {', '.join(sorted({c['config'] for c in fused}))} "
             f"| {max(f['shared'] for f in facts) / 1024:.1f} ({limit / 1024:.0f}) | {max(f['regs'] for f in facts)} "
-            f"| {max(f['spill_bytes'] for f in facts)} B | {', '.join(ops)} | {', '.join(loads)} |"
+            f"| {max(f['spill_bytes'] for f in facts)} B | {', '.join(sorted({f['tensor_op'] for f in facts}))} "
+            f"| {', '.join(sorted({f['queue_loads'] for f in facts}))} |"
+        )
+    lines += [
+        "",
+        "## Configs by architecture",
+        "",
+        "Config names: operand kind, `b` queries per block, `k` queue rows per tile, `d` the D-chunk (none: the "
+        "queries stay resident, D padded to a power of two), `w` warps, `s` pipeline stages.",
+        "",
+        "| architecture | config | queue dtypes | precision | D | B | shared KiB | registers | instruction | queue loads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (arch, config), cases in by_config.items():
+        facts = [matrix["compiles"][c["compile_id"]] for c in cases]
+        shared = sorted({f["shared"] for f in facts})
+        regs = sorted({f["regs"] for f in facts})
+
+        def values(key):
+            return ", ".join(str(v) for v in sorted({c[key] for c in cases}))
+
+        lines.append(
+            f"| {arch} | {config} | {values('queue_dtype')} | {values('precision')} | {values('D')} | {values('B')} "
+            f"| {shared[0] / 1024:.1f}-{shared[-1] / 1024:.1f} | {regs[0]}-{regs[-1]} "
+            f"| {', '.join(sorted({f['tensor_op'] for f in facts}))} | {', '.join(sorted({f['queue_loads'] for f in facts}))} |"
         )
     return "\n".join(lines) + "\n"
 
