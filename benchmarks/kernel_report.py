@@ -2,8 +2,9 @@
 
     python benchmarks/kernel_report.py [--out benchmarks/results/kernel_report_<name>] [--kernel PATH]
 
-Compiles every shipped config at the headline shapes with Triton's own ptxas, reads the cubin
-with Triton's bundled cuobjdump, and writes ``<out>.md`` and ``<out>.json`` with, per config: the
+Compiles every Hopper candidate config (nnclr_fast/ops/nn_search_plan.py) at the headline shapes
+with Triton's own ptxas, reads the cubin with Triton's bundled cuobjdump (both through
+benchmarks/kernel_compile.py), and writes ``<out>.md`` and ``<out>.json`` with, per config: the
 tensor-core instruction (wgmma = HGMMA, mma.sync = HMMA, or CUDA-core FMA), how the queue is
 loaded (TMA = UTMALDG, cp.async = LDGSTS, plain LDG), registers, spills, shared memory, CTAs per
 SM, waves of the grid the launcher would use, SASS instructions per queue tile in the main loop,
@@ -23,14 +24,12 @@ import importlib.util
 import json
 import math
 import os
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import kernel_compile as kc  # compiling and reading the binaries (this directory)
+
+ROOT = kc.ROOT
 from nnclr_fast.ops import nn_search_plan as plans  # noqa: E402  (configs and the launcher's rules)
 
 DEFAULT_KERNEL = ROOT / "nnclr_fast" / "ops" / "nn_search_triton.py"
@@ -62,7 +61,6 @@ CASES = {
     "f32z_bf16q": ("float32", "bfloat16", False),
     "ieee": ("float32", "float32", True),
 }
-_TRITON_TY = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 _ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -75,157 +73,38 @@ def load_kernel_module(path: Path):
     return mod
 
 
-# --------------------------------------------------------------------------------------------
-# Compilation and SASS reading.
-
-
-def compile_sm90(fn, sig: dict, const: dict, aligned: list, num_warps: int, num_stages: int) -> dict:
-    """Compile `fn` for sm_90a and return resource usage and SASS facts."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    sig = dict(sig)
-    for name in const:
-        sig[name] = "constexpr"
-    names = list(sig)
-    # What the JIT infers at launch for 16-byte aligned pointers and multiple-of-16 integers.
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
-    kernel = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([bin_dir / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([bin_dir / "cuobjdump", "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    facts = sass_facts(sass)
-    return dict(
-        facts,
-        regs=int(re.search(r"REG:(\d+)", usage).group(1)),
-        spill_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
-        shared=int(kernel.metadata.shared),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-
-
-_INSTR = re.compile(r"/\*([0-9a-f]+)\*/\s+(.*?)\s*;")
-
-
-def _opcode(text: str) -> str:
-    words = text.split()
-    if words and words[0].startswith("@"):
-        words = words[1:]
-    return words[0] if words else ""
-
-
-def sass_facts(sass: str) -> dict:
-    instrs = [(int(a, 16), t) for a, t in _INSTR.findall(sass)]
-    ops = [_opcode(t) for _, t in instrs]
-
-    def count(prefix):
-        return sum(op.split(".")[0] == prefix for op in ops)
-
-    hgmma, hmma, ffma = count("HGMMA"), count("HMMA"), count("FFMA")
-    math_op = "HGMMA" if hgmma else ("HMMA" if hmma else "FFMA")
-    # Loops are backward branches; the main loop is the innermost one holding the math, and the
-    # queue-tile loop is the outermost loop around it (they differ when D is chunked).
-    loops = []
-    for addr, text in instrs:
-        m = re.search(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)", text)
-        if _opcode(text).startswith("BRA") and m and int(m.group(1), 16) <= addr:
-            lo = int(m.group(1), 16)
-            body = [j for j, (a, _) in enumerate(instrs) if lo <= a <= addr]
-            loops.append(body)
-    math_loops = [b for b in loops if any(ops[j].split(".")[0] == math_op for j in b)]
-    inner_len = outer_extra = math_per_chunk = None
-    nested = False
-    loop_ops = set()
-    if math_loops:
-        inner = min(math_loops, key=len)
-        outer = max((b for b in math_loops if set(inner) <= set(b)), key=len)
-        nested = outer is not inner
-        inner_len, outer_extra = len(inner), len(outer) - len(inner)
-        math_per_chunk = sum(ops[j].split(".")[0] == math_op for j in inner)
-        loop_ops = {ops[j].split(".")[0] for j in outer}
-    if "UTMALDG" in loop_ops:
-        loads = "TMA"
-    elif "LDGSTS" in loop_ops:
-        loads = "cp.async"
-    else:
-        loads = "plain LDG"
-    return {
-        "tensor_op": {"HGMMA": "wgmma", "HMMA": "mma.sync", "FFMA": "FMA (CUDA cores)"}[math_op],
-        "hgmma": hgmma,
-        "hmma": hmma,
-        "ffma": ffma,
-        "utmaldg": count("UTMALDG"),
-        "ldgsts": count("LDGSTS"),
-        "queue_loads": loads,
-        # Per queue tile = outer_extra + inner_len * (D-chunks per tile; 1 unless d_chunked_loop).
-        "inner_len": inner_len,
-        "outer_extra": outer_extra,
-        "math_per_chunk": math_per_chunk,
-        "d_chunked_loop": nested,
-    }
-
-
-def occupancy(regs: int, shared: int, num_warps: int, hw=H100) -> int:
-    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256
-    by_regs = hw["regs_per_sm"] // (regs_per_warp * num_warps)
-    by_smem = hw["smem_per_sm"] // (shared + hw["smem_reserved_per_block"]) if shared else hw["max_ctas_per_sm"]
-    by_threads = hw["threads_per_sm"] // (32 * num_warps)
-    if shared > hw["smem_per_block"]:
-        return 0
-    return min(by_regs, by_smem, by_threads, hw["max_ctas_per_sm"])
+def occupancy(regs: int, shared: int, num_warps: int) -> int:
+    return kc.occupancy("sm_90a", regs, shared, num_warps)
 
 
 # --------------------------------------------------------------------------------------------
 # The two kernel generations: what to compile and which grid the launcher would use.
 
 
-def current_variants(mod, case: str, dim: int):
-    """(config name, compile spec, grid fn) for every shipped config of this case's kind."""
-    import triton
+# The H100 the model describes, as plan_search sees it.
+H100_SPEC = plans.DeviceSpec("cuda", "sm_90a", H100["sms"], H100["smem_per_block"], "H100 SXM")
 
-    z, q, ieee = CASES[case]
+
+def _problem(case: str, batch: int, dim: int):
     import torch
 
-    kind = plans.config_kind(getattr(torch, q), ieee)
-    for cfg in plans.CONFIGS:
-        if cfg.kind != kind:
-            continue
-        yield cfg.name, current_spec(mod, cfg, z, q, ieee, dim), (
-            lambda b, k, cfg=cfg: (triton.cdiv(b, cfg.block_b), plans.num_splits_for(b, k, cfg, H100["sms"]))
-        ), cfg
+    z, q, ieee = CASES[case]
+    return plans.SearchProblem(batch, dim, HEADLINE_K, getattr(torch, z), getattr(torch, q), ieee, has_valid=True)
 
 
-def current_spec(mod, cfg, z, q, ieee, dim, topk=1, lookup=True, use_tma=True, normalize_queue=False):
+def current_variants(mod, case: str, dim: int):
+    """(config name, compile spec, grid fn, config) for every Hopper candidate of this case's kind."""
     import triton
 
-    block_d = cfg.block_d_for(dim)
-    qt = _TRITON_TY[q]
-    sig = {
-        "z_ptr": "*" + _TRITON_TY[z], "q_ptr": "*" + qt,
-        "q_desc": f"tensordesc<{qt}[{cfg.block_k},{block_d}]>" if use_tma else "*" + qt,
-        "valid_ptr": "*i64", "part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "counter_ptr": "*i32",
-        "out_ptr": "*" + _TRITON_TY[z], "out_idx_ptr": "*i64", "out_val_ptr": "*fp32",
-        "B": "i32", "K": "i32", "D": "i32", "stride_zb": "i32", "stride_zd": "i32", "stride_qk": "i32",
-        "stride_qd": "i32", "stride_ob": "i32", "stride_od": "i32",
-    }
-    const = dict(
-        stride_zd=1, stride_qd=1, stride_od=1, HAS_VALID=True, NORMALIZE_QUEUE=normalize_queue, TOPK=topk,
-        TOPK_PAD=triton.next_power_of_2(topk), LOOKUP=lookup, IEEE=ieee, UPCAST_DOT=False, USE_TMA=use_tma,
-        D_RESIDENT=cfg.d_resident, BLOCK_B=cfg.block_b, BLOCK_K=cfg.block_k, BLOCK_D=block_d,
-        NORM_D=min(block_d, 32), MERGE_COLS=32,
-    )
-    aligned = ["z_ptr", "q_ptr", "valid_ptr", "part_val_ptr", "part_idx_ptr", "counter_ptr", "out_ptr",
-               "out_idx_ptr", "out_val_ptr", "stride_zb", "stride_qk", "stride_ob", "D"]
-    return dict(fn=mod._nn_search_kernel, sig=sig, const=const, aligned=aligned,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, dim=dim)
+    problem = _problem(case, HEADLINE_B[0], dim)
+    for cfg in plans.CANDIDATES["wgmma"][plans.config_kind(problem, "wgmma")]:
+        if not cfg.applies_to(dim):
+            continue
+        plan = plans.plan_with(cfg, problem, H100_SPEC)
+        spec = dict(kc.search_spec(mod._nn_search_kernel, problem, plan, other_kernel=True), dim=dim)
+        yield cfg.name, spec, (
+            lambda b, k, cfg=cfg: (triton.cdiv(b, cfg.block_b), plans.num_splits_for(b, k, cfg, H100["sms"]))
+        ), cfg
 
 
 def legacy_variants(mod, case: str, dim: int):
@@ -234,7 +113,7 @@ def legacy_variants(mod, case: str, dim: int):
 
     z, q, ieee = CASES[case]
     for cfg in mod._search_configs():
-        sig = {"z_ptr": "*" + _TRITON_TY[z], "q_ptr": "*" + _TRITON_TY[q], "valid_ptr": "*i64",
+        sig = {"z_ptr": "*" + kc.TRITON_TYPES[z], "q_ptr": "*" + kc.TRITON_TYPES[q], "valid_ptr": "*i64",
                "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "B": "i32", "K": "i32", "D": "i32",
                "split_rows": "i32", "stride_zb": "i32", "stride_zd": "i32", "stride_qk": "i32",
                "stride_qd": "i32", "eps": "fp32"}
@@ -262,7 +141,8 @@ def _compile_job(spec_key):
     for n, spec, _, _ in variants(mod, case, dim):
         if n == name:
             const = spec["const"]
-            facts = compile_sm90(spec["fn"], spec["sig"], const, spec["aligned"], spec["num_warps"], spec["num_stages"])
+            facts = kc.compile_kernel("sm_90a", spec["fn"], spec["sig"], const, spec["aligned"], spec["num_warps"],
+                                      spec["num_stages"], spec.get("maxnreg"))
             return spec_key, facts, {"BLOCK_B": const["BLOCK_B"], "BLOCK_K": const["BLOCK_K"], "BLOCK_D": const["BLOCK_D"]}
     raise KeyError(name)
 
@@ -272,7 +152,7 @@ def model(facts: dict, blocks: dict, case: str, batch: int, dim: int, num_rows: 
     bb, bk, bd = blocks["BLOCK_B"], blocks["BLOCK_K"], blocks["BLOCK_D"]
     qblocks, splits = grid(batch, num_rows)
     programs = qblocks * splits
-    occ = occupancy(facts["regs"], facts["shared"], facts["num_warps"], hw)
+    occ = occupancy(facts["regs"], facts["shared"], facts["num_warps"])
     wave = hw["sms"] * max(occ, 1)
     waves = programs / wave
     per_sm = math.ceil(programs / hw["sms"])  # programs the busiest SM runs, over all waves
@@ -320,10 +200,7 @@ def run(kernel: Path, jobs: int) -> dict:
         for batch in HEADLINE_B:
             picked = None
             if current:
-                import torch
-
-                z, q, ieee = CASES[case]
-                picked = plans.pick_config(batch, dim, getattr(torch, q), ieee).name == name
+                picked = plans.plan_search(_problem(case, batch, dim), H100_SPEC).config.name == name
             rows.append({
                 "case": case, "B": batch, "D": dim, "K": HEADLINE_K, "config": name,
                 "launcher_picks": picked, **blocks, **facts,

@@ -7,6 +7,9 @@ import torch
 # Must be set before nnclr_fast.kernels is imported (triton.jit reads it at decoration time).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Strict: a fused kernel that cannot run is an error here, not a silent fallback to the PyTorch
+# path (the tests of the fallback unset it).
+os.environ.setdefault("NNCLR_FAST_STRICT", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,24 +5,39 @@ fake implementations, so ``torch.compile`` treats them as single opaque nodes (n
 and nothing in them syncs the host, so a step that calls them can be captured in a CUDA graph.
 
 Dispatch:
-  * CUDA tensors run the fused Triton kernel (nnclr_fast/ops/nn_search_triton.py);
+  * CUDA and ROCm tensors run the fused Triton kernel (nnclr_fast/ops/nn_search_triton.py) with
+    the launch plan ``nn_search_plan.plan_search`` makes for the device;
   * CPU tensors run the chunked PyTorch path (nnclr_fast/ops/nn_search_torch.py), or, under
     ``TRITON_INTERPRET=1``, the Triton kernel itself in the interpreter (how CI proves it);
-  * float64 inputs (CPU only, for gradcheck) and ``nn_topk`` with k > 16 take the chunked path.
+  * float64 inputs (CPU only, for gradcheck) and ``nn_topk`` with k > 16 take the chunked path;
+  * the fallback: where the fused kernel cannot run (no plan for the device's architecture, a
+    kernel that fails to compile or launch, Triton not importable, an interpreter that cannot run
+    with the installed NumPy) the chunked PyTorch path answers on the same device, after one
+    warning on the ``nnclr_fast`` logger naming the device, the reason and the fix. The decision
+    is made once per (device, plan): a failed kernel is not built again. With
+    ``NNCLR_FAST_STRICT=1`` the fallback is an error (``FusedSearchUnavailable``) with the same
+    message instead; the test suite and the GPU validation run strict.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from nnclr_fast.ops.common import FLOAT_DTYPES, compute_dtype, int_in_range, normalize_rows, row_norms
-from nnclr_fast.ops.nn_search_plan import MAX_KERNEL_TOPK
+from nnclr_fast.ops.nn_search_plan import MAX_KERNEL_TOPK, FusedSearchUnavailable, interpreting
 from nnclr_fast.ops.nn_search_torch import torch_nn_lookup, torch_nn_topk
 
 PRECISIONS = ("default", "ieee")
+STRICT_ENV = "NNCLR_FAST_STRICT"
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
 
 def normalize_backward(z: Tensor, grad: Tensor) -> Tensor:
     """Vector-Jacobian product of the normalisation ``z / ||z||`` (``common.normalize_rows``) at
@@ -47,9 +62,32 @@ def _triton_path(z: Tensor, queue: Tensor) -> bool:
         return False
     if z.device.type == "cuda":
         return True
-    from nnclr_fast.ops.nn_search_triton import interpreting
-
     return z.device.type == "cpu" and interpreting()
+
+
+def _fused_search():
+    """nnclr_fast.ops.nn_search_triton, imported on first use (it needs Triton)."""
+    try:
+        return importlib.import_module("nnclr_fast.ops.nn_search_triton")
+    except ImportError as e:
+        raise FusedSearchUnavailable(
+            f"Triton cannot be imported ({e}). Fix: install Triton (`pip install triton`, Linux only)"
+        ) from e
+
+
+def strict() -> bool:
+    """NNCLR_FAST_STRICT set (to anything but "" or "0"): the fallback is an error."""
+    return os.environ.get(STRICT_ENV, "0") not in ("", "0")
+
+
+def _fall_back(device: torch.device, error: FusedSearchUnavailable) -> None:
+    """Warn once per message that the PyTorch path answers; in strict mode raise instead."""
+    message = f"nnclr_fast: the fused search kernel cannot run on {device}: {error}"
+    if strict():
+        raise FusedSearchUnavailable(f"{message} [{STRICT_ENV} is set: this is an error instead of a fallback]") from error
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning(message)
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,9 +100,10 @@ def _nn_lookup_op(
     z: Tensor, queue: Tensor, valid: Optional[Tensor], ieee: bool, normalize_queue: bool, straight_through: bool
 ) -> tuple[Tensor, Tensor]:
     if _triton_path(z, queue):
-        from nnclr_fast.ops.nn_search_triton import triton_nn_lookup
-
-        return triton_nn_lookup(z, queue, valid, ieee, normalize_queue)
+        try:
+            return _fused_search().triton_nn_lookup(z, queue, valid, ieee, normalize_queue)
+        except FusedSearchUnavailable as e:
+            _fall_back(z.device, e)
     return torch_nn_lookup(z, queue, valid, ieee, normalize_queue)
 
 
@@ -97,9 +136,10 @@ def _nn_topk_op(
     z: Tensor, queue: Tensor, k: int, valid: Optional[Tensor], ieee: bool, normalize_queue: bool
 ) -> tuple[Tensor, Tensor]:
     if k <= MAX_KERNEL_TOPK and _triton_path(z, queue):
-        from nnclr_fast.ops.nn_search_triton import triton_nn_topk
-
-        return triton_nn_topk(z, queue, k, valid, ieee, normalize_queue)
+        try:
+            return _fused_search().triton_nn_topk(z, queue, k, valid, ieee, normalize_queue)
+        except FusedSearchUnavailable as e:
+            _fall_back(z.device, e)
     values, indices = torch_nn_topk(z, queue, k, valid, ieee, normalize_queue)
     return values.to(compute_dtype(z)), indices
 

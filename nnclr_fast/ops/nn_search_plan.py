@@ -5,24 +5,59 @@
 the reason the fused kernel cannot run there (then the PyTorch path answers). It reads no GPU:
 a :class:`DeviceSpec` describes one (``DeviceSpec.of(device)`` for a real one), so tests can ask
 for the plan of any architecture and compile it offline.
+
+How a plan is chosen:
+
+  * the architecture's kernel family (``ARCH_FAMILY``) says what Triton makes of the kernel's
+    dot there and how it buffers the queue. Only the architectures whose plans
+    tests/ops/test_nn_search_triton.py compiles and checks are listed; any other architecture,
+    and those on which Triton compiles the dot to FMA instead of tensor cores (sm_70, sm_75),
+    get a fallback whose reason names the device and the fix;
+  * the config: the first of the family's candidates (``CANDIDATES``, best first; with B <= 64
+    the 64-query blocks first) that applies to D and whose shared-memory estimate
+    (``smem_estimate``, an upper bound the compile matrix checks) leaves ``SMEM_MARGIN`` of the
+    device's per-block limit free, so a compiler version that moves the layout by a few KiB
+    still launches;
+  * the grid: one wave of that config over the device's SMs (``num_splits_for``).
+
+The candidates' order is a judgement (bigger query blocks read the queue fewer times, resident
+queries are not re-read per tile, deeper pipelines hide more latency), not a measurement: no plan
+has been timed on a GPU yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import re
 from typing import Optional
 
 import torch
-import triton
 
 try:  # Host-side TMA descriptors (Triton >= 3.4); without them every queue takes pointer loads.
     from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - depends on the installed Triton
+except ImportError:  # pragma: no cover - depends on the installed Triton (none on macOS / Windows)
     TensorDescriptor = None
 
 # Largest k the register-resident running top-k handles; larger k takes the PyTorch path.
 MAX_KERNEL_TOPK = 16
+# Queries stay resident (loaded once per program) up to this D; above it they are re-read per D-chunk.
 MAX_RESIDENT_D = 256
+# Shared memory a plan leaves free below the device's per-block limit: compiler versions move
+# the layout by a few KiB (Triton 3.6-3.9 differ by <= 0.5 KiB on this kernel).
+SMEM_MARGIN = 8 << 10
+# 32-bit registers per SM on every CUDA architecture planned for.
+REGISTERS_PER_SM = 65_536
+
+_BACKENDS = ("cuda", "hip", "interpreter")
+_CUDA_ARCH = re.compile(r"sm_(\d+)(\d)a?")
+
+
+class FusedSearchUnavailable(RuntimeError):
+    """The fused kernel cannot run a call on its device; the message says which device, why and
+    the fix. Raised to the caller only in strict mode (``NNCLR_FAST_STRICT=1``); otherwise the
+    PyTorch path answers, after one warning."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,30 +74,56 @@ class DeviceSpec:
     smem_per_block: int
     name: str = ""
 
+    def __post_init__(self):
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"DeviceSpec.backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.backend == "cuda" and not _CUDA_ARCH.fullmatch(self.arch):
+            raise ValueError(f"DeviceSpec.arch of a CUDA device must look like 'sm_80' or 'sm_90a', got {self.arch!r}")
+        if self.num_sms < 1:
+            raise ValueError(f"DeviceSpec.num_sms must be positive, got {self.num_sms}")
+        if self.smem_per_block < 1:
+            raise ValueError(f"DeviceSpec.smem_per_block must be positive (bytes), got {self.smem_per_block}")
+
     @property
     def capability(self) -> Optional[tuple[int, int]]:
         """(major, minor) of a CUDA architecture, None elsewhere."""
         if self.backend != "cuda":
             return None
-        digits = self.arch.removeprefix("sm_").rstrip("a")
-        return int(digits[:-1]), int(digits[-1])
+        major, minor = _CUDA_ARCH.fullmatch(self.arch).groups()
+        return int(major), int(minor)
+
+    def describe(self) -> str:
+        """The device as a message names it, e.g. "NVIDIA A100-SXM4-80GB (sm_80)"."""
+        return f"{self.name} ({self.arch})" if self.name else self.arch
 
     @classmethod
     def of(cls, device: torch.device) -> "DeviceSpec":
         """The spec of a visible CUDA (or ROCm, which torch also calls "cuda") device."""
-        props = torch.cuda.get_device_properties(device)
-        if torch.version.hip is not None:
-            arch = props.gcnArchName.split(":")[0]
-            return cls("hip", arch, props.multi_processor_count, _smem_optin(props), props.name)
-        major, minor = props.major, props.minor
-        # Hopper and Blackwell datacenter parts: Triton compiles for the "a" variants.
-        suffix = "a" if major in (9, 10) else ""
-        return cls("cuda", f"sm_{major}{minor}{suffix}", props.multi_processor_count, _smem_optin(props), props.name)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _device_spec(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_spec(index: int) -> DeviceSpec:
+    props = torch.cuda.get_device_properties(index)
+    smem = _smem_optin(props)
+    if torch.version.hip is not None:
+        # ROCm reports a capability such as (9, 4) for gfx942: the arch name is what counts.
+        return DeviceSpec("hip", props.gcnArchName.split(":")[0], props.multi_processor_count, smem, props.name)
+    major, minor = props.major, props.minor
+    # Hopper and datacenter Blackwell: Triton compiles for the "a" variants.
+    suffix = "a" if major in (9, 10) else ""
+    return DeviceSpec("cuda", f"sm_{major}{minor}{suffix}", props.multi_processor_count, smem, props.name)
 
 
 def _smem_optin(props) -> int:
-    # torch >= 2.? exposes the opt-in limit; older builds only the default 48 KiB one.
+    # The opt-in limit where torch exposes it; older builds only the default 48 KiB one.
     return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on CPU tensors in Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Triton's interpreter: no resource limits; enough "SMs" that the CPU tests exercise the merge.
@@ -97,18 +158,189 @@ class SearchProblem:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    name: str
-    kind: str  # "mma16" (bf16/fp16 queue), "tf32" (float32 queue), "ieee"
+    """Tile shape and schedule of the kernel. ``kind`` is the dot's operand type: "mma16"
+    (bf16/fp16 tensor cores), "tf32", "ieee" (exact float32 on CUDA cores) or "fp32" (exact float32
+    on AMD's matrix cores, which also serve "tf32" there)."""
+
+    kind: str
     d_resident: bool
     block_b: int
     block_k: int
     block_d: int  # D-chunk when not resident; resident configs use next_power_of_2(D)
     num_warps: int
     num_stages: int
-    ctas_per_sm: int  # occupancy the grid is sized for; tests/ops/test_nn_search_triton.py checks it
+    ctas_per_sm: int = 1  # occupancy the grid is sized for; the compile matrix checks it is reached
+
+    @property
+    def name(self) -> str:
+        chunk = "" if self.d_resident else f"d{self.block_d}"
+        return f"{self.kind}_b{self.block_b}k{self.block_k}{chunk}_w{self.num_warps}s{self.num_stages}"
 
     def block_d_for(self, dim: int) -> int:
-        return max(16, triton.next_power_of_2(dim)) if self.d_resident else self.block_d
+        return max(16, _next_power_of_2(dim)) if self.d_resident else self.block_d
+
+    def applies_to(self, dim: int) -> bool:
+        return not self.d_resident or _next_power_of_2(dim) <= MAX_RESIDENT_D
+
+
+def _resident(kind, block_b, block_k, num_warps, num_stages, ctas_per_sm=1) -> SearchConfig:
+    return SearchConfig(kind, True, block_b, block_k, 0, num_warps, num_stages, ctas_per_sm)
+
+
+def _chunked(kind, block_b, block_k, block_d, num_warps, num_stages, ctas_per_sm=1) -> SearchConfig:
+    return SearchConfig(kind, False, block_b, block_k, block_d, num_warps, num_stages, ctas_per_sm)
+
+
+# Architecture -> kernel family: what Triton makes of the kernel there.
+#   mma_sync: HMMA (mma.sync); the queue pipelined through num_stages - 1 shared-memory buffers
+#             (cp.async, or TMA on sm_120), the resident queries in shared memory;
+#   wgmma / tcgen05: Hopper's / datacenter Blackwell's MMA, both operands in shared memory,
+#             num_stages TMA buffers;
+#   mfma:     AMD's matrix cores (wave64); num_stages - 1 LDS buffers, the resident queries staged
+#             through LDS once before the loop (then held in registers).
+ARCH_FAMILY = {
+    "sm_80": "mma_sync",
+    "sm_86": "mma_sync",
+    "sm_89": "mma_sync",
+    "sm_120": "mma_sync",
+    "sm_90a": "wgmma",
+    "sm_100a": "tcgen05",
+    "gfx90a": "mfma",
+    "gfx942": "mfma",
+}
+# CUDA architectures where Triton compiles tl.dot to FMA, without tensor-core instructions
+# (checked on the PTX of Triton 3.8: no mma at all).
+NO_TENSOR_CORES = ("sm_70", "sm_75")
+
+_HOPPER_CLASS = {  # wgmma and tcgen05: 227 KiB per block
+    "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _chunked("mma16", 128, 64, 64, 8, 3)),
+    # At D=256 three float32 stages (224 KiB) leave less than the margin: two stages then.
+    "tf32": (_resident("tf32", 128, 32, 8, 3), _resident("tf32", 128, 32, 8, 2), _resident("tf32", 64, 32, 4, 3),
+             _chunked("tf32", 128, 64, 32, 8, 3)),
+    "ieee": (_chunked("ieee", 64, 32, 16, 4, 3, ctas_per_sm=2),),
+}
+CANDIDATES = {
+    "wgmma": _HOPPER_CLASS,
+    "tcgen05": _HOPPER_CLASS,
+    # 163 KiB (sm_80) or 99 KiB (sm_86, sm_89, sm_120) per block.
+    "mma_sync": {
+        "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _resident("mma16", 64, 32, 4, 4),
+                  _chunked("mma16", 128, 64, 64, 8, 3), _chunked("mma16", 128, 64, 32, 8, 3)),
+        "tf32": (_resident("tf32", 128, 32, 8, 3), _resident("tf32", 64, 32, 4, 3), _chunked("tf32", 128, 64, 32, 8, 3)),
+        "ieee": (_chunked("ieee", 64, 32, 16, 4, 3, ctas_per_sm=2),),
+    },
+    # 64 KiB of LDS per block.
+    "mfma": {
+        "mma16": (_resident("mma16", 128, 64, 8, 2), _resident("mma16", 64, 64, 4, 2), _chunked("mma16", 128, 64, 32, 8, 2)),
+        "fp32": (_resident("fp32", 64, 32, 4, 2), _chunked("fp32", 64, 64, 32, 4, 2)),
+    },
+}
+_INTERPRETER_CONFIG = SearchConfig("any", True, 16, 32, 32, 4, 1, 1)
+
+
+def config_kind(problem: SearchProblem, family: str) -> str:
+    """The operand type of the dot: see SearchConfig.kind."""
+    sixteen_bit = problem.queue_dtype in (torch.bfloat16, torch.float16)
+    if family == "mfma":
+        return "mma16" if sixteen_bit and not problem.ieee else "fp32"
+    if problem.ieee:
+        return "ieee"
+    return "mma16" if sixteen_bit else "tf32"
+
+
+def smem_estimate(cfg: SearchConfig, problem: SearchProblem, family: str) -> int:
+    """Upper bound of the shared memory (bytes) ``cfg`` takes for ``problem`` in ``family``.
+
+    The pipelined queue tiles; the resident queries as the dot's operand (on AMD staged through
+    LDS before the loop, so not live at the same time as the tiles); with D-chunks, the pipelined
+    query chunks in z's dtype, their converted operand, a converted queue chunk when the queue's
+    dtype is not the operand's, and a queue buffer per stage (TMA keeps one more than cp.async);
+    BLOCK_B x 8 bytes of reduction scratch and 256 bytes of pipeline barriers.
+    """
+    operand = 4 if cfg.kind in ("tf32", "ieee", "fp32") else 2
+    queue_item, z_item = problem.queue_dtype.itemsize, problem.z_dtype.itemsize
+    block_d = cfg.block_d_for(problem.dim)
+    buffers = cfg.num_stages if family in ("wgmma", "tcgen05") else cfg.num_stages - 1
+    scratch = cfg.block_b * 8 + 256
+    if cfg.d_resident:
+        tiles = buffers * cfg.block_k * block_d * queue_item
+        queries = cfg.block_b * block_d * operand
+        return (max(queries, tiles) if family == "mfma" else queries + tiles) + scratch
+    tiles = cfg.num_stages * cfg.block_k * block_d * queue_item
+    converted_queue = cfg.block_k * block_d * operand if queue_item != operand else 0
+    return buffers * cfg.block_b * block_d * z_item + tiles + cfg.block_b * block_d * operand + converted_queue + scratch
+
+
+def fits(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec, family: str) -> bool:
+    """``cfg``'s estimate leaves SMEM_MARGIN free, and ``ctas_per_sm`` of them share an SM (whose
+    shared memory is the per-block limit plus the 1 KiB every block reserves)."""
+    need = smem_estimate(cfg, problem, family)
+    return (need + SMEM_MARGIN <= device.smem_per_block
+            and cfg.ctas_per_sm * (need + 1024) <= device.smem_per_block + 1024)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def num_splits_for(batch: int, num_rows: int, cfg: SearchConfig, sms: int) -> int:
+    """Queue splits so that (query blocks x splits) is one wave of `cfg` over `sms` SMs, each
+    split keeping >= 4 tiles so the pipeline prologue and the merge stay small."""
+    query_blocks = _cdiv(batch, cfg.block_b)
+    wave = sms * cfg.ctas_per_sm
+    return max(1, min(wave // query_blocks, _cdiv(num_rows, 4 * cfg.block_k)))
+
+
+def _has_tma(device: DeviceSpec) -> bool:
+    # Never on HIP, whatever capability ROCm reports.
+    if TensorDescriptor is None:
+        return False
+    if device.backend == "interpreter":
+        return True
+    return device.backend == "cuda" and device.capability[0] >= 9
+
+
+def _dot_precision(problem: SearchProblem, device: DeviceSpec) -> str:
+    # The input precision only matters for float32 operands. A 16-bit dot asks for "ieee" (exact
+    # for them everywhere): Triton's AMD backend rejects "tf32" outside gfx942. Without TF32
+    # (gfx90a) a float32 queue gets exact float32, more precise than "default" promises.
+    if problem.ieee or problem.queue_dtype != torch.float32:
+        return "ieee"
+    if device.backend == "hip" and device.arch != "gfx942":
+        return "ieee"
+    return "tf32"
+
+
+def _blas(device: DeviceSpec) -> str:
+    return {"cuda": "cuBLAS", "hip": "rocBLAS"}.get(device.backend, "CPU")
+
+
+def fallback_plan(device: DeviceSpec, why: str, fix: str) -> SearchPlan:
+    """A plan that runs the PyTorch path, with a reason naming the device, why and the fix."""
+    return SearchPlan(None, fallback=f"{device.describe()}: {why}; the PyTorch path ({_blas(device)} matmuls) "
+                                     f"answers instead. Fix: {fix}")
+
+
+def _unplanned(device: DeviceSpec) -> Optional[SearchPlan]:
+    """The fallback for an architecture without plans, or None."""
+    if device.backend == "interpreter" or device.arch in ARCH_FAMILY:
+        return None
+    covered = ", ".join(ARCH_FAMILY)
+    if device.arch in NO_TENSOR_CORES:
+        return fallback_plan(
+            device, f"Triton compiles the kernel's dot to FMA on {device.arch}, without its tensor cores",
+            "none needed for correct results; the fused kernel needs compute capability 8.0 or newer")
+    if device.backend == "cuda" and device.capability < (7, 0):
+        return fallback_plan(device, f"Triton does not support {device.arch} (compute capability < 7.0)",
+                             "none needed for correct results; the fused kernel needs compute capability 8.0 or newer")
+    return fallback_plan(
+        device, f"{device.arch} is not among the architectures whose launch plans are compiled and checked ({covered})",
+        f"none needed for correct results; to run the fused kernel, add {device.arch} to ARCH_FAMILY in "
+        "nnclr_fast/ops/nn_search_plan.py and to the compile matrix in tests/ops/test_nn_search_triton.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +353,9 @@ class SearchPlan:
     num_warps: int = 0
     num_stages: int = 0
     fallback: Optional[str] = None
+    # CUDA: the registers per thread ptxas may use (.maxnreg). Without it ptxas caps a kernel
+    # near an occupancy step of its own choosing (128 registers at 8 warps) and spills a few bytes.
+    maxnreg: Optional[int] = None
 
     @property
     def fused(self) -> bool:
@@ -136,72 +371,62 @@ class SearchPlan:
         c = dict(self.constexprs)
         return c["BLOCK_K"], c["BLOCK_D"]
 
-
-CONFIGS = (
-    SearchConfig("mma16_b128", "mma16", True, 128, 64, 0, 8, 3, 1),
-    SearchConfig("mma16_b64", "mma16", True, 64, 128, 0, 4, 3, 1),
-    SearchConfig("mma16_chunked", "mma16", False, 128, 128, 64, 8, 3, 1),
-    SearchConfig("tf32_b128", "tf32", True, 128, 32, 0, 8, 3, 1),
-    SearchConfig("tf32_b64", "tf32", True, 64, 32, 0, 4, 3, 1),
-    SearchConfig("tf32_chunked", "tf32", False, 128, 64, 32, 8, 3, 1),
-    SearchConfig("ieee_b64", "ieee", False, 64, 64, 32, 4, 3, 2),
-)
-_BY_NAME = {c.name: c for c in CONFIGS}
-_INTERPRETER_CONFIG = SearchConfig("interpreter", "any", True, 16, 32, 32, 4, 1, 1)
+    @property
+    def kernel_key(self) -> tuple:
+        """What identifies the compiled kernel (the grid does not): one compile serves every plan
+        with the same key."""
+        return self.constexprs, self.num_warps, self.num_stages, self.maxnreg
 
 
-def config_kind(queue_dtype: torch.dtype, ieee: bool) -> str:
-    if ieee:
-        return "ieee"
-    return "tf32" if queue_dtype == torch.float32 else "mma16"
+def choose_config(problem: SearchProblem, device: DeviceSpec) -> Optional[SearchConfig]:
+    """The first of the family's candidates that applies to D and fits the device, or None."""
+    family = ARCH_FAMILY[device.arch]
+    candidates = [c for c in CANDIDATES[family][config_kind(problem, family)] if c.applies_to(problem.dim)]
+    if problem.batch <= 64:
+        # A 128-query block would be more than half padding: 64-query blocks first (stable sort).
+        candidates.sort(key=lambda c: c.block_b > 64)
+    return next((c for c in candidates if fits(c, problem, device, family)), None)
 
 
-def pick_config(batch: int, dim: int, queue_dtype: torch.dtype, ieee: bool) -> SearchConfig:
-    """The config for this problem on a GPU."""
-    kind = config_kind(queue_dtype, ieee)
-    if kind == "ieee":
-        return _BY_NAME["ieee_b64"]
-    if dim > MAX_RESIDENT_D:
-        return _BY_NAME[f"{kind}_chunked"]
-    return _BY_NAME[f"{kind}_b128" if batch > 64 else f"{kind}_b64"]
-
-
-def num_splits_for(batch: int, num_rows: int, cfg: SearchConfig, sms: int) -> int:
-    """Queue splits so that (query blocks x splits) is one wave of `cfg` over `sms` SMs, each
-    split keeping >= 4 tiles so the pipeline prologue and the merge stay small."""
-    query_blocks = triton.cdiv(batch, cfg.block_b)
-    wave = sms * cfg.ctas_per_sm
-    return max(1, min(wave // query_blocks, triton.cdiv(num_rows, 4 * cfg.block_k)))
-
-
-def _has_tma(device: DeviceSpec) -> bool:
-    if TensorDescriptor is None:
-        return False
-    if device.backend == "interpreter":
-        return True
-    return device.backend == "cuda" and device.capability[0] >= 9
-
-
+@functools.lru_cache(maxsize=4096)
 def plan_search(problem: SearchProblem, device: DeviceSpec) -> SearchPlan:
     """The launch plan for ``problem`` on ``device`` (see the module docstring)."""
     if problem.k > MAX_KERNEL_TOPK:
-        return SearchPlan(None, fallback=f"k={problem.k} is above the fused kernel's top-k limit ({MAX_KERNEL_TOPK})")
+        return fallback_plan(device, f"k={problem.k} is above the fused kernel's top-k limit ({MAX_KERNEL_TOPK})",
+                             f"none needed: nn_topk with k > {MAX_KERNEL_TOPK} always takes the PyTorch path")
+    unplanned = _unplanned(device)
+    if unplanned is not None:
+        return unplanned
     if device.backend == "interpreter":
         cfg = _INTERPRETER_CONFIG
         if problem.dim > MAX_RESIDENT_D:
             cfg = dataclasses.replace(cfg, d_resident=False)
     else:
-        cfg = pick_config(problem.batch, problem.dim, problem.queue_dtype, problem.ieee)
+        cfg = choose_config(problem, device)
+        if cfg is None:
+            return fallback_plan(
+                device, f"no config of the fused kernel fits D={problem.dim} into {device.smem_per_block // 1024} KiB "
+                f"of shared memory per block with {SMEM_MARGIN // 1024} KiB to spare",
+                "none needed for correct results; report the device and D to nnclr_fast")
+    return plan_with(cfg, problem, device)
+
+
+def plan_with(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec) -> SearchPlan:
+    """The plan that runs ``cfg`` for ``problem`` on ``device`` (whether it fits is plan_search's
+    business; benchmarks/kernel_report.py compiles every candidate through this)."""
     block_d = cfg.block_d_for(problem.dim)
     splits = num_splits_for(problem.batch, problem.num_rows, cfg, device.num_sms)
-    topk_pad = triton.next_power_of_2(problem.k)
+    topk_pad = _next_power_of_2(problem.k)
+    dot_precision = _dot_precision(problem, device)
     constexprs = dict(
         HAS_VALID=problem.has_valid,
         NORMALIZE_QUEUE=problem.normalize_queue,
         TOPK=problem.k,
         TOPK_PAD=topk_pad,
         LOOKUP=problem.lookup,
-        IEEE=problem.ieee,
+        # Exact float32 operands: asked for, or a float32 queue where there is no TF32 (gfx90a).
+        IEEE=problem.ieee or dot_precision == "ieee" and problem.queue_dtype == torch.float32,
+        DOT_PRECISION=dot_precision,
         # The interpreter mis-computes 16-bit dots: the kernel upcasts the rounded operands there.
         UPCAST_DOT=device.backend == "interpreter",
         USE_TMA=problem.queue_tma_layout and _has_tma(device),
@@ -210,7 +435,11 @@ def plan_search(problem: SearchProblem, device: DeviceSpec) -> SearchPlan:
         BLOCK_K=cfg.block_k,
         BLOCK_D=block_d,
         NORM_D=min(block_d, 32),
-        MERGE_COLS=max(16, min(32, triton.next_power_of_2(splits * topk_pad))),
+        MERGE_COLS=max(16, min(32, _next_power_of_2(splits * topk_pad))),
     )
-    grid = (triton.cdiv(problem.batch, cfg.block_b), splits)
-    return SearchPlan(cfg, grid, tuple(constexprs.items()), cfg.num_warps, cfg.num_stages)
+    grid = (_cdiv(problem.batch, cfg.block_b), splits)
+    maxnreg = None
+    if device.backend == "cuda":
+        # As many as let ctas_per_sm CTAs share the 64 K-register file, at most 255.
+        maxnreg = min(255, REGISTERS_PER_SM // (cfg.ctas_per_sm * cfg.num_warps * 32))
+    return SearchPlan(cfg, grid, tuple(constexprs.items()), cfg.num_warps, cfg.num_stages, maxnreg=maxnreg)

@@ -25,22 +25,27 @@ cast rounds to nearest even (`_round_to`), on a GPU and under the interpreter al
 from __future__ import annotations
 
 import functools
-import os
 import re
 
 import numpy
 import torch
 import triton
 import triton.language as tl
+from triton.errors import TritonError
 
-from nnclr_fast.ops.nn_search_plan import INTERPRETER, DeviceSpec, SearchProblem, TensorDescriptor, plan_search
+from nnclr_fast.ops.nn_search_plan import (
+    INTERPRETER,
+    DeviceSpec,
+    FusedSearchUnavailable,
+    SearchProblem,
+    TensorDescriptor,
+    fallback_plan,
+    interpreting,
+    plan_search,
+)
 
 # Index of "no candidate": above every real index, so it loses every tie, and reported as -1.
 SENTINEL = tl.constexpr(2**31 - 1)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -167,6 +172,7 @@ def _nn_search_kernel(
     TOPK_PAD: tl.constexpr,
     LOOKUP: tl.constexpr,
     IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     USE_TMA: tl.constexpr,
     D_RESIDENT: tl.constexpr,
@@ -247,7 +253,7 @@ def _nn_search_kernel(
                 # float32, so the upcast dot gives the tensor-core numbers.
                 acc = tl.dot(zr, tl.trans(q.to(tl.float32)), input_precision="ieee")
             else:
-                acc = tl.dot(zr, tl.trans(q), input_precision="tf32")
+                acc = tl.dot(zr, tl.trans(q), input_precision=DOT_PRECISION)
             if NORMALIZE_QUEUE:
                 q_exp, q_sq = _norm_step(q.to(tl.float32), tl.zeros((BLOCK_K,), dtype=tl.int32), tl.zeros((BLOCK_K,), dtype=tl.float32))
         else:
@@ -270,7 +276,7 @@ def _nn_search_kernel(
                 elif UPCAST_DOT:
                     acc = tl.dot(zc.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(zc, tl.trans(q), acc, input_precision="tf32")
+                    acc = tl.dot(zc, tl.trans(q), acc, input_precision=DOT_PRECISION)
         # Per column, not per score: rows past the slice get -inf and the sentinel index, so they
         # lose every comparison, even against a real row scoring -inf (which has a lower index).
         col_bias = tl.where(in_slice, 0.0, float("-inf"))
@@ -359,15 +365,59 @@ def _nn_search_kernel(
 # constexprs) comes from nnclr_fast.ops.nn_search_plan.
 
 
+# Kernels (device, plan.kernel_key) that launched, and why those that failed did: a failure is
+# learned once, so later calls that would build the same kernel go straight to the fallback.
+_LAUNCHED: set[tuple] = set()
+_FAILED: dict[tuple, str] = {}
+# What a kernel that cannot compile or launch raises: Triton's own errors (OutOfResources,
+# CompilationError, PTXASError) and the RuntimeErrors of its MLIR passes and GPU drivers.
+_LAUNCH_ERRORS = (TritonError, RuntimeError)
+
+
 def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
+    """The fused kernel's (out, indices, values); raises FusedSearchUnavailable (naming the device,
+    the reason and the fix) when it cannot run this call here."""
     if interpreting():
-        problem = interpreter_incompatibility(triton.__version__, numpy.__version__)
-        if problem:
-            raise RuntimeError(problem)
+        incompatible = interpreter_incompatibility(triton.__version__, numpy.__version__)
+        if incompatible:
+            raise FusedSearchUnavailable(incompatible)
         device = INTERPRETER
     else:
         device = DeviceSpec.of(z.device)
     plan = plan_search(SearchProblem.of(z, queue, k, lookup, ieee, normalize_queue, valid is not None), device)
+    if not plan.fused:
+        raise FusedSearchUnavailable(plan.fallback)
+    key = (device, plan.kernel_key)
+    if key in _FAILED:
+        raise FusedSearchUnavailable(_FAILED[key])
+    if key in _LAUNCHED:
+        return _launch(plan, z, queue, valid, k, lookup)
+    try:
+        result = _launch(plan, z, queue, valid, k, lookup)
+    except torch.OutOfMemoryError:
+        raise  # the device's memory, not the kernel (and the fallback would need more of it)
+    except _LAUNCH_ERRORS as e:
+        reason = fallback_plan(
+            device, f"the fused kernel ({plan.config.name}) failed to compile or launch ({_summary(e)})",
+            "none needed for correct results; report it to nnclr_fast with the output of `python -m nnclr_fast`: "
+            "its launch plans should fit every supported GPU").fallback
+        # A kernel first built inside CUDA-graph capture may fail for that alone (loading a module
+        # is not capturable): the PyTorch path is captured this time, the kernel tried again later.
+        if not (z.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _FAILED[key] = reason
+        raise FusedSearchUnavailable(reason) from e
+    _LAUNCHED.add(key)
+    return result
+
+
+def _summary(error: Exception) -> str:
+    # A CompilationError's text starts with the source excerpt; its own message is the news.
+    text = getattr(error, "error_message", None) or str(error)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _launch(plan, z, queue, valid, k, lookup):
     batch, dim = z.shape
     q_desc = TensorDescriptor.from_tensor(queue, list(plan.block_shape)) if plan.use_tma else queue
     query_blocks, splits = plan.grid
@@ -408,6 +458,7 @@ def _search(z, queue, valid, k, lookup, ieee, normalize_queue):
         **dict(plan.constexprs),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
+        **({"maxnreg": plan.maxnreg} if plan.maxnreg is not None else {}),
     )
     return out, out_idx, out_val
 

@@ -325,7 +325,7 @@ def test_large_queue_many_chunks():
 
 def test_cpu_dispatch_without_interpreter(monkeypatch):
     # Outside the interpreter CPU tensors must take the chunked path (there is no CPU Triton).
-    monkeypatch.setattr(nn_search_triton, "interpreting", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     called = []
     monkeypatch.setattr(nn_search_triton, "triton_nn_lookup", lambda *a: called.append(a))
     monkeypatch.setattr(nn_search_triton, "triton_nn_topk", lambda *a: called.append(a))

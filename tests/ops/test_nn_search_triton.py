@@ -1,100 +1,116 @@
-"""Compile the search kernel for Hopper (sm_90a) ahead of time, without a GPU.
+"""Every launch plan, compiled for its GPU without one: the static plan matrix.
 
-The interpreter proves what the kernel computes but not how it compiles: the real compiler
-rejects things the interpreter accepts, and a config that spills registers, exceeds shared memory,
-falls back from wgmma to mma.sync or loses its TMA loads would only show up on a GPU. This
-compiles the Hopper variant of every shipped config with Triton's own ptxas and reads the cubin
-with Triton's bundled cuobjdump (the analysis is benchmarks/kernel_report.py's). It runs in a
-subprocess because tests/conftest.py puts this process's kernels in interpreter mode.
+The interpreter proves what the kernel computes but not how it compiles: a plan that exceeds a
+device's shared memory, spills registers, or loses its tensor cores or TMA loads would only show
+up on that GPU. benchmarks/kernel_compile.py asks ``plan_search`` for the plan of every reference
+device (one per architecture: sm_70 ... sm_120, gfx90a, gfx942) and every problem of the matrix
+(queue dtype x precision x D in {64, 128, 256, 384, 512} x B in {32, 512} x lookup / top-5, and
+top-16 once per operand type), compiles each distinct kernel once with Triton's offline
+toolchains (ptxas for CUDA, the HIP backend for AMD) and reads the binaries; the tests below
+judge them. It runs in a subprocess because tests/conftest.py puts this process's kernels in
+interpreter mode.
 """
 
 import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
+from nnclr_fast.ops.nn_search_plan import ARCH_FAMILY, NO_TENSOR_CORES, SMEM_MARGIN  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[2]
 
-SCRIPT = textwrap.dedent(
-    r"""
-    import concurrent.futures, json, sys
-    sys.path.insert(0, sys.argv[1])
-    import kernel_report as kr
+# The matrix instruction each family's tensor-core kinds must compile to; exact float32 ("ieee")
+# on CUDA is CUDA-core FMA, and AMD's matrix cores serve float32 too.
+EXPECTED_MATH = {"mma_sync": "mma.sync", "wgmma": "wgmma", "tcgen05": "tcgen05", "mfma": "mfma"}
 
-    def job(args):
-        name, z, q, ieee, dim, extra = args
-        mod = kr.load_kernel_module(kr.DEFAULT_KERNEL)
-        cfg = {c.name: c for c in kr.plans.CONFIGS}[name]
-        spec = kr.current_spec(mod, cfg, z, q, ieee, dim, **extra)
-        facts = kr.compile_sm90(spec["fn"], spec["sig"], spec["const"], spec["aligned"], spec["num_warps"], spec["num_stages"])
-        return dict(facts, config=name, case=[z, q, ieee, dim, extra], block_b=cfg.block_b, kind=cfg.kind,
-                    declared_ctas_per_sm=cfg.ctas_per_sm, occupancy=kr.occupancy(facts["regs"], facts["shared"], facts["num_warps"]))
 
-    mod = kr.load_kernel_module(kr.DEFAULT_KERNEL)
-    dtypes = {"mma16": ("bfloat16", "bfloat16", False), "tf32": ("float32", "float32", False), "ieee": ("float32", "float32", True)}
-    jobs = []
-    for cfg in kr.plans.CONFIGS:
-        z, q, ieee = dtypes[cfg.kind]
-        # The widest resident D (the most registers and shared memory); chunked configs see D=512.
-        jobs.append((cfg.name, z, q, ieee, kr.plans.MAX_RESIDENT_D if cfg.d_resident else 512, {}))
-    # The other code paths, each on the config that would run it.
-    jobs += [
-        ("mma16_b128", "float32", "bfloat16", False, 256, {}),
-        ("mma16_b128", "float16", "float16", False, 256, dict(use_tma=False)),
-        ("mma16_b128", "bfloat16", "bfloat16", False, 256, dict(topk=16, lookup=False, normalize_queue=True)),
-        ("tf32_b128", "float32", "float32", False, 256, dict(topk=5, lookup=False)),
-    ]
-    with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
-        print(json.dumps(list(pool.map(job, jobs))))
-    """
-)
+pytestmark = pytest.mark.slow  # 392 distinct compiles: about 14 CPU-minutes cold (Triton caches them)
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def matrix(tmp_path_factory):
+    out = tmp_path_factory.mktemp("plan_matrix") / "matrix.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(ROOT / "benchmarks")], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, str(ROOT / "benchmarks" / "kernel_compile.py"), "--jobs", "2", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=3600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    data = json.loads(out.read_text())
+    print(f"plan matrix: {len(data['compiles'])} distinct kernels compiled in {data['wall_s']} s")
+    return data
 
 
-def test_every_config_compiles_without_spills(compiled):
-    from nnclr_fast.ops.nn_search_plan import CONFIGS
-
-    assert {r["config"] for r in compiled} == {c.name for c in CONFIGS}
-    for r in compiled:
-        assert r["spill_bytes"] == 0, r
-        assert r["shared"] <= 227 * 1024, r
+def compiled_cases(matrix):
+    for case in matrix["cases"]:
+        if case["fused"]:
+            yield case, matrix["compiles"][case["compile_id"]]
 
 
-def test_tensor_core_configs_use_wgmma(compiled):
-    # mma.sync (HMMA) instead of wgmma (HGMMA) would halve Hopper's tensor-core throughput.
-    for r in compiled:
-        if r["kind"] != "ieee" and r["block_b"] >= 64:
-            assert r["hgmma"] > 0 and r["hmma"] == 0, r
+def test_planned_architectures_run_the_fused_kernel_everywhere(matrix):
+    archs = {c["arch"] for c in matrix["cases"]}
+    assert set(ARCH_FAMILY) <= archs
+    for case in matrix["cases"]:
+        if case["arch"] in ARCH_FAMILY:
+            assert case["fused"], case
 
 
-def test_queue_tiles_come_by_tma_when_allowed(compiled):
-    # Only the tensor-core main loops are checked: in the CUDA-core (ieee) loop the SASS reader
-    # cannot tell the queue loads from the rest.
-    for r in compiled:
-        if r["kind"] == "ieee":
+def test_other_architectures_fall_back_naming_the_device_and_fix(matrix):
+    unplanned = [c for c in matrix["cases"] if c["arch"] not in ARCH_FAMILY]
+    assert {c["arch"] for c in unplanned} >= set(NO_TENSOR_CORES)
+    for case in unplanned:
+        assert not case["fused"]
+        assert case["fallback"].startswith(case["device"]) and "Fix:" in case["fallback"]
+
+
+def test_shared_memory_leaves_the_margin(matrix):
+    for case, facts in compiled_cases(matrix):
+        assert facts["shared"] + SMEM_MARGIN <= case["smem_per_block"], (case, facts["shared"])
+
+
+def test_the_estimate_bounds_the_compiled_shared_memory(matrix):
+    # plan_search chooses by the estimate: it must never be below what the compiler allocates.
+    for case, facts in compiled_cases(matrix):
+        assert facts["shared"] <= case["smem_estimate"], (case["arch"], case["config"], case["D"], facts["shared"])
+
+
+def test_no_register_spills(matrix):
+    for case, facts in compiled_cases(matrix):
+        assert facts["spill_bytes"] == 0, (case, facts["regs"], facts["spill_bytes"])
+
+
+def test_tensor_cores_where_the_dtype_has_them(matrix):
+    for case, facts in compiled_cases(matrix):
+        if case["kind"] == "ieee":
+            assert facts["tensor_op"] == "FMA (CUDA cores)" and facts["ffma"] > 0, case
             continue
-        use_tma = r["case"][4].get("use_tma", True)
-        assert (r["queue_loads"] == "TMA") == use_tma, r
+        expected = EXPECTED_MATH[case["family"]]
+        assert facts["tensor_op"] == expected, (case, facts["tensor_op"])
+        if case["family"] in ("wgmma", "tcgen05"):
+            # mma.sync next to wgmma / tcgen05 would mean part of the dot fell back to it.
+            assert facts["hmma"] == 0, case
 
 
-def test_declared_occupancy_is_reached(compiled):
+def test_queue_tiles_come_by_tma_exactly_where_planned(matrix):
+    # In the CUDA-core (ieee) loop the SASS reader cannot tell the queue loads from the rest.
+    seen = set()
+    for case, facts in compiled_cases(matrix):
+        if case["kind"] == "ieee":
+            continue
+        if facts["utmaldg"] or facts["queue_loads"] == "TMA" or case["use_tma"]:
+            assert case["use_tma"] and facts["queue_loads"] == "TMA", (case, facts["queue_loads"])
+        seen.add((case["arch"], case["use_tma"]))
+    assert ("sm_90a", True) in seen and ("sm_90a", False) in seen and ("sm_80", False) in seen
+    assert not any(use_tma for arch, use_tma in seen if arch.startswith("gfx"))
+
+
+def test_declared_occupancy_is_reached(matrix):
     # The launcher sizes its one-wave grid from ctas_per_sm; more would queue a second wave.
-    for r in compiled:
-        if not r["case"][4]:
-            assert 1 <= r["declared_ctas_per_sm"] <= r["occupancy"], r
+    for case, facts in compiled_cases(matrix):
+        assert 1 <= case["ctas_per_sm"] <= facts["occupancy"], (case, facts)
