@@ -59,7 +59,7 @@ def test_cli_interpreter_and_pytorch_path():
     assert code == 0, out
     assert_report(out)
     # The interpreter's plan for every queue dtype and precision.
-    plans = [line for line in out.splitlines() if "fused kernel, config interpreter" in line]
+    plans = [line for line in out.splitlines() if "fused kernel, config any_" in line]
     assert len(plans) == 6, out
     for shape in ("B=20 K=700 D=48", "B=9 K=301 D=40", "B=5 K=200 D=300"):
         assert f"ok   cpu     nn_lookup / nn_topk (Triton interpreter): {shape}" in out
