@@ -240,11 +240,13 @@ CANDIDATES = {
     "wgmma": _HOPPER_CLASS,
     "tcgen05": _HOPPER_CLASS,
     # 163 KiB (sm_80) or 99 KiB (sm_86, sm_89, sm_120) per block. Two 81 KiB CTAs share an A100
-    # SM at D=256; a 99 KiB part takes the 16-row queue tile there instead.
-    # A resident float32 block takes ldmatrix fragments of 32-bit values: with a raw bank's norms
-    # next to them it spills, so a raw float32 bank takes D-chunks.
+    # SM at D=256, of 4 warps each: each warp loads its rows of the query block and the whole
+    # queue tile by ldmatrix every tile, so fewer warps per CTA read less shared memory (the
+    # model rates it 1.4x the 8-warp CTA). A 99 KiB part takes the 16-row queue tile at D=256.
+    # Where a raw bank's per-tile norms spill registers (the 4-warp CTA at D=256, resident float32
+    # blocks), a raw bank takes the next config.
     "mma_sync": {
-        "mma16": (_resident("mma16", 128, 32, 8, 2, ctas_per_sm=2, max_topk=5), _resident("mma16", 128, 16, 8, 3),
+        "mma16": (_resident("mma16", 128, 32, 4, 2, ctas_per_sm=2, raw_bank=False), _resident("mma16", 128, 16, 8, 3),
                   _resident("mma16", 64, 32, 4, 3), _chunked("mma16", 128, 32, 64, 8, 2, ctas_per_sm=2, max_topk=5),
                   _chunked("mma16", 128, 64, 32, 8, 3)),
         "tf32": (_resident("tf32", 128, 32, 8, 2, raw_bank=False), _resident("tf32", 64, 32, 4, 2, raw_bank=False),
