@@ -630,7 +630,12 @@ def to_markdown(matrix: dict) -> str:
             f"| {max(f['spill_bytes'] for f in facts)} B | {', '.join(sorted({f['tensor_op'] for f in facts}))} "
             f"| {', '.join(sorted({f['queue_loads'] for f in facts}))} |"
         )
+    first = [matrix["compiles"][c["first_pass_id"]] for c in matrix["cases"] if c["fused"]]
     lines += [
+        "",
+        f"The first pass (normalising the queries, {len({c['first_pass_id'] for c in matrix['cases'] if c['fused']})} "
+        f"distinct kernels): at most {max(f['shared'] for f in first)} B of shared memory, {max(f['regs'] for f in first)} "
+        f"registers, {max(f['spill_bytes'] for f in first)} B of spills.",
         "",
         "## Configs by architecture",
         "",
