@@ -63,7 +63,7 @@ import kernel_compile as kc  # noqa: E402  (compiling and reading the binaries; 
 
 @dataclasses.dataclass(frozen=True)
 class GPU:
-    """A modelled GPU. Datasheet figures (dense; /work/shared/gpu-specs.md) except where ASSUMED."""
+    """A modelled GPU: vendor datasheet figures (dense), except where ASSUMED."""
 
     name: str
     arch: str

@@ -169,8 +169,8 @@ def _normalize_queries_kernel(
 ):
     """The first pass: zn[r, :stride_nb] = z[r] / ||z[r]||, rounded to zn's dtype (the operand
     dtype), and znorm[r] = (scale, inv) of the norm, for every row r of ROWS * programs. Rows
-    past B and columns past D are written too (zeros), so the search kernel reads whole blocks
-    with no mask."""
+    past B and columns past D are written too (zeros; NaN in the row of a query holding Inf or
+    NaN, which scores NaN anyway), so the search kernel reads whole blocks with no mask."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     in_b = rows < B
     offs = tl.arange(0, NORM_D)
