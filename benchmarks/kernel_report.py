@@ -1,265 +1,399 @@
-"""Static report on the nearest-neighbour search kernel for Hopper (sm_90a), without a GPU.
+"""Static report on the search kernel on an H100 (sm_90a) and an A100 (sm_80), without a GPU.
 
-    python benchmarks/kernel_report.py [--out benchmarks/results/kernel_report_<name>] [--kernel PATH]
+    python benchmarks/kernel_report.py [--out benchmarks/results/kernel_report_<name>] [--rev GIT_REV]
 
-Compiles every Hopper candidate config (nnclr_fast/ops/nn_search_plan.py) at the headline shapes
-with Triton's own ptxas, reads the cubin with Triton's bundled cuobjdump (both through
-benchmarks/kernel_compile.py), and writes ``<out>.md`` and ``<out>.json`` with, per config: the
-tensor-core instruction (wgmma = HGMMA, mma.sync = HMMA, or CUDA-core FMA), how the queue is
-loaded (TMA = UTMALDG, cp.async = LDGSTS, plain LDG), registers, spills, shared memory, CTAs per
-SM, waves of the grid the launcher would use, SASS instructions per queue tile in the main loop,
-and a MODELLED time. ``--kernel`` points at another copy of the kernel module (e.g. the version
-before a change); both the current kernel and the earlier two-stage one are understood.
+For each case (a bfloat16 queue; a float32 queue, TF32; precision="ieee") x B in {256, 512, 1024}
+x D in {128, 256} at K = 98,304, it asks the plan module for the config the launcher runs on each
+modelled GPU, compiles that kernel with Triton's own toolchain and reads its SASS
+(benchmarks/kernel_compile.py). What the SASS says per queue tile of the main loop: the
+tensor-core instructions (HGMMA, HMMA, or FFMA for exact float32), whether they read the query
+block from shared memory, the query block re-read by the warps themselves (LDSM / LDS bytes), the
+wgmma waits and their depth, the instructions issued while a wgmma group is in flight, the
+CTA-wide barriers; and registers, shared memory and CTAs per SM. Writes ``<out>.md`` and
+``<out>.json``. ``--rev`` reports another revision's kernel and plans (``git archive`` of its
+``nnclr_fast``), e.g. the commit before a change, for a before / after comparison.
 
-The model is max(tensor-core time, L2->SM time, HBM time, issue time) on the busiest SM, with the
-constants in H100 below. It ignores latency, pipeline bubbles, launch overhead and stage 2; it is
-a model, not a measurement.
+The time is a MODEL, not a measurement: no GPU ran. Per queue tile of one CTA, in clocks:
+
+  t_tc    = 2 * BLOCK_B * BLOCK_K * D_pad / (tensor FLOP per clock per SM * efficiency)
+  t_smem  = shared-memory bytes of the tile / bytes per clock: the wgmma operand reads (the queue
+            tile per warpgroup, the query block too when wgmma reads it from shared memory), the
+            LDSM / LDS / STS the warps issue, and at the high end the TMA / cp.async writes
+  t_mma   = max(t_tc, t_smem)
+  t_issue = instructions * warps per scheduler * cycles per instruction; t_in of it is issued
+            while a wgmma group is in flight, t_out is the rest
+  chain   = t_out + max(t_mma, t_in) + barriers * c_bar + 0-deep waits * c_drain
+
+(An FMA dot, precision="ieee" on CUDA cores, has t_tc = 0: its FFMAs are instructions, issued at
+the FP32 lanes' rate, and nothing in its loop is asynchronous: chain = max(t_issue, t_smem) +
+barriers.)
+
+With one CTA per SM a tile costs ``chain``: a 0-deep wgmma wait and the barriers serialise the
+phases (mma.sync: the epilogue needs the accumulators, one exposed drain per tile). With c CTAs
+on an SM a round of c tiles (one each) costs max(chain, c * t_mma, c * t_issue): the other CTAs'
+work overlaps a CTA's epilogue and barriers, but they share the tensor pipe, shared memory and
+the issue slots. The loop = rounds * round; the queue stream overlaps it (TMA / cp.async
+stages), so main = max(loop, L2->SM bytes / L2 bandwidth, HBM bytes / HBM bandwidth). Total =
+prologue + main + merge, the prologue being the first pass (a launch gap, its HBM traffic),
+every CTA's load of its query block (or, for a kernel that normalises in the loop's prologue,
+two reads of z) and the pipeline fill; the merge (the last program's merge of the splits and the
+lookup's gather) is a constant range. Each constant is a (low-time, high-time) pair, so every
+time is a range.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
+import dataclasses
 import json
 import math
 import os
+import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
-import kernel_compile as kc  # compiling and reading the binaries (this directory)
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ENV = "NNCLR_FAST_SOURCE"  # read by kernel_compile: the nnclr_fast tree to compile
 
-ROOT = kc.ROOT
-from nnclr_fast.ops import nn_search_plan as plans  # noqa: E402  (configs and the launcher's rules)
+import kernel_compile as kc  # noqa: E402  (compiling and reading the binaries; this directory)
 
-DEFAULT_KERNEL = ROOT / "nnclr_fast" / "ops" / "nn_search_triton.py"
 
-# H100 SXM5 (datasheet, dense) and the occupancy limits of sm_90.
-H100 = {
-    "sms": 132,
-    "clock_hz": 1.83e9,  # boost clock the tensor peaks are quoted at
-    "bf16_flops": 989e12,
-    "tf32_flops": 494e12,
-    "fp32_flops": 67e12,  # CUDA-core FMA, for precision="ieee"
-    "hbm_bytes_s": 3.35e12,
-    "l2_bytes_s": 5.5e12,  # ASSUMED L2->SM read bandwidth (not a datasheet figure)
-    "issue_per_clk": 4,  # warp-instructions per SM per clock (4 schedulers)
-    "regs_per_sm": 65536,
-    "smem_per_sm": 228 * 1024,
-    "smem_per_block": 227 * 1024,
-    "smem_reserved_per_block": 1024,
-    "threads_per_sm": 2048,
-    "max_ctas_per_sm": 32,
+@dataclasses.dataclass(frozen=True)
+class GPU:
+    """A modelled GPU: vendor datasheet figures (dense), except where ASSUMED."""
+
+    name: str
+    arch: str
+    sms: int
+    smem_per_block: int
+    clock_hz: float  # the clock the datasheet's tensor peak implies
+    tensor_flops_clk: dict  # per SM, by operand kind
+    ffma_clk: int  # clocks one warp's FFMA takes on a scheduler's FP32 lanes
+    smem_bytes_clk: int  # shared-memory bandwidth per SM
+    l2_bytes_s: float  # ASSUMED: L2 -> SM read bandwidth, no datasheet figure
+    hbm_bytes_s: float
+
+    def spec(self):
+        from nnclr_fast.ops.nn_search_plan import DeviceSpec
+
+        return DeviceSpec("cuda", self.arch, self.sms, self.smem_per_block, self.name)
+
+
+GPUS = (
+    # 989 TFLOP/s bf16 = 132 SMs x 4096 FLOP/clk x 1.83 GHz; 128 FP32 lanes per SM.
+    GPU("H100 SXM", "sm_90a", 132, 232_448, 1.83e9, {"mma16": 4096, "tf32": 2048}, 1, 128, 5.5e12, 3.35e12),
+    # 312 TFLOP/s bf16 = 108 SMs x 2048 FLOP/clk x 1.41 GHz; 64 FP32 lanes per SM.
+    GPU("A100 SXM", "sm_80", 108, 166_912, 1.41e9, {"mma16": 2048, "tf32": 1024}, 2, 128, 4.0e12, 2.0e12),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constants:
+    """The model's ASSUMED constants as (low-time, high-time) pairs."""
+
+    tensor_eff: tuple = (1.0, 0.85)  # fraction of the tensor peak a fed MMA stream reaches
+    cpi: tuple = (1.0, 1.6)  # scheduler cycles per issued instruction of a CTA's warps
+    c_bar: tuple = (20, 40)  # clocks per CTA-wide barrier on the critical path
+    c_drain: tuple = (30, 80)  # clocks of MMA pipeline tail exposed by each 0-deep wait
+    fill_writes: tuple = (False, True)  # TMA / cp.async writes share the shared-memory bandwidth
+    launch_gap_us: tuple = (1.5, 3.0)  # a second kernel on the stream (the first pass) before this one
+    fill_us: tuple = (0.5, 1.0)  # the pipeline's first tiles (L2 latency)
+    merge_us: tuple = (1.0, 2.0)  # the last program: the merge of the splits and the lookup's gather
+
+
+CONST = Constants()
+CASES = {  # name: (z dtype, queue dtype, ieee)
+    "bf16": ("bfloat16", "bfloat16", False),
+    "tf32": ("float32", "float32", False),
+    "ieee": ("float32", "float32", True),
 }
 HEADLINE_B = (256, 512, 1024)
 HEADLINE_D = (128, 256)
 HEADLINE_K = 98_304
-# name: (z dtype, queue dtype, ieee)
-CASES = {
-    "tf32": ("float32", "float32", False),
-    "bf16": ("bfloat16", "bfloat16", False),
-    "f32z_bf16q": ("float32", "bfloat16", False),
-    "ieee": ("float32", "float32", True),
-}
-_ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADLINE = (512, 256)  # (B, D) of the targets
+_ITEM = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def load_kernel_module(path: Path):
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
-    spec = importlib.util.spec_from_file_location(f"_kernel_under_report_{abs(hash(str(path)))}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def occupancy(regs: int, shared: int, num_warps: int) -> int:
-    return kc.occupancy("sm_90a", regs, shared, num_warps)
+def targets(gpu: GPU, case: str):
+    """(target us, what it is) at the headline shape, or None (issue 15 item 3)."""
+    if gpu.name == "H100 SXM" and case in ("bf16", "tf32"):
+        return {"bf16": 45.0, "tf32": 95.0}[case], "H100 target"
+    if gpu.name == "A100 SXM" and case == "bf16":
+        batch, dim = HEADLINE
+        floor = 2 * batch * dim * HEADLINE_K / (gpu.sms * gpu.tensor_flops_clk["mma16"] * gpu.clock_hz)
+        return round(1.5 * floor * 1e6, 1), f"1.5 x the tensor-core floor ({floor * 1e6:.1f} us)"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
-# The two kernel generations: what to compile and which grid the launcher would use.
+# What to compile: the launcher's plan for each case on each GPU.
 
 
-# The H100 the model describes, as plan_search sees it.
-H100_SPEC = plans.DeviceSpec("cuda", "sm_90a", H100["sms"], H100["smem_per_block"], "H100 SXM")
+def _modules():
+    from nnclr_fast.ops import nn_search_plan, nn_search_triton
+
+    return nn_search_plan, nn_search_triton
 
 
-def _problem(case: str, batch: int, dim: int):
+def _problem(plans, case: str, batch: int, dim: int):
     import torch
 
     z, q, ieee = CASES[case]
     return plans.SearchProblem(batch, dim, HEADLINE_K, getattr(torch, z), getattr(torch, q), ieee, has_valid=True)
 
 
-def current_variants(mod, case: str, dim: int):
-    """(config name, compile spec, grid fn, config) for every Hopper candidate of this case's kind."""
-    import triton
-
-    problem = _problem(case, HEADLINE_B[0], dim)
-    for cfg in plans.CANDIDATES["wgmma"][plans.config_kind(problem, "wgmma")]:
-        if not cfg.applies_to(dim):
-            continue
-        plan = plans.plan_with(cfg, problem, H100_SPEC)
-        spec = dict(kc.search_spec(mod._nn_search_kernel, problem, plan, other_kernel=True), dim=dim)
-        yield cfg.name, spec, (
-            lambda b, k, cfg=cfg: (triton.cdiv(b, cfg.block_b), plans.num_splits_for(b, k, cfg, H100["sms"]))
-        ), cfg
+def _compile_job(job):
+    gpu_name, case, dim = job
+    plans, kernels = _modules()
+    gpu = next(g for g in GPUS if g.name == gpu_name)
+    problem = _problem(plans, case, HEADLINE_B[0], dim)
+    plan = plans.plan_search(problem, gpu.spec())
+    facts = kc.compile_spec(gpu.arch, kc.search_spec(kernels._nn_search_kernel, problem, plan, other_kernel=True))
+    return job, dict(facts, occupancy=kc.occupancy(gpu.arch, facts["regs"], facts["shared"], facts["num_warps"]))
 
 
-def legacy_variants(mod, case: str, dim: int):
-    """The two-stage autotuned kernel (before Hopper kernel v2): every autotune config."""
-    import triton
-
-    z, q, ieee = CASES[case]
-    for cfg in mod._search_configs():
-        sig = {"z_ptr": "*" + kc.TRITON_TYPES[z], "q_ptr": "*" + kc.TRITON_TYPES[q], "valid_ptr": "*i64",
-               "part_val_ptr": "*fp32", "part_idx_ptr": "*i64", "B": "i32", "K": "i32", "D": "i32",
-               "split_rows": "i32", "stride_zb": "i32", "stride_zd": "i32", "stride_qk": "i32",
-               "stride_qd": "i32", "eps": "fp32"}
-        const = dict(stride_zd=1, stride_qd=1, HAS_VALID=True, TOPK=1, TOPK_PAD=1, IEEE=ieee, UPCAST_DOT=False,
-                     **cfg.kwargs)
-        aligned = ["z_ptr", "q_ptr", "part_val_ptr", "part_idx_ptr", "stride_zb", "stride_qk", "D"]
-        spec = dict(fn=mod._nn_search_partial_kernel.fn, sig=sig, const=const, aligned=aligned,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, dim=dim)
-
-        def grid(b, k, bb=cfg.kwargs["BLOCK_B"]):
-            # nnclr_fast/kernels/nn_search.py::_split_rows on 132 SMs.
-            align = 256
-            target = max(1, (4 * H100["sms"]) // triton.cdiv(b, 64))
-            rows = triton.cdiv(max(4 * align, triton.cdiv(k, target)), align) * align
-            return triton.cdiv(b, bb), triton.cdiv(k, rows)
-
-        name = "B{BLOCK_B}_K{BLOCK_K}_D{BLOCK_D}".format(**cfg.kwargs) + f"_w{cfg.num_warps}_s{cfg.num_stages}"
-        yield name, spec, grid, None
+# --------------------------------------------------------------------------------------------
+# The model.
 
 
-def _compile_job(spec_key):
-    path, case, dim, name = spec_key
-    mod = load_kernel_module(Path(path))
-    variants = current_variants if hasattr(mod, "_nn_search_kernel") else legacy_variants
-    for n, spec, _, _ in variants(mod, case, dim):
-        if n == name:
-            const = spec["const"]
-            facts = kc.compile_kernel("sm_90a", spec["fn"], spec["sig"], const, spec["aligned"], spec["num_warps"],
-                                      spec["num_stages"], spec.get("maxnreg"))
-            return spec_key, facts, {"BLOCK_B": const["BLOCK_B"], "BLOCK_K": const["BLOCK_K"], "BLOCK_D": const["BLOCK_D"]}
-    raise KeyError(name)
+def per_tile(facts: dict, chunks: int) -> dict:
+    """The main loop's counts per queue tile: one trip, or (D-chunked) chunks trips plus what the
+    tile loop adds."""
+    loop, extra = facts["loop"], facts["tile_extra"]
+    if extra is None:
+        chunks = 1
+    out = {}
+    for key, value in loop.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value * chunks + (extra[key] if extra else 0)
+    out["wgmma_waits"] = loop["wgmma_waits"] * chunks + (extra["wgmma_waits"] if extra else [])
+    return out
 
 
-def model(facts: dict, blocks: dict, case: str, batch: int, dim: int, num_rows: int, grid, hw=H100) -> dict:
-    z, q, ieee = CASES[case]
-    bb, bk, bd = blocks["BLOCK_B"], blocks["BLOCK_K"], blocks["BLOCK_D"]
-    qblocks, splits = grid(batch, num_rows)
-    programs = qblocks * splits
-    occ = occupancy(facts["regs"], facts["shared"], facts["num_warps"])
-    wave = hw["sms"] * max(occ, 1)
-    waves = programs / wave
-    per_sm = math.ceil(programs / hw["sms"])  # programs the busiest SM runs, over all waves
-    tiles = math.ceil(math.ceil(num_rows / bk) / splits)
+def model(facts: dict, plan, gpu: GPU, case: str, batch: int, dim: int, first_pass: bool, end: int) -> dict:
+    """Modelled time of one call (see the module docstring); end 0: low-time constants, 1: high."""
+    c = {f.name: getattr(CONST, f.name)[end] for f in dataclasses.fields(CONST)}
+    cfg = plan.config
+    const = dict(plan.constexprs)
+    z_dtype, q_dtype, _ = CASES[case]
+    bb, bk, bd, warps = cfg.block_b, cfg.block_k, const["BLOCK_D"], cfg.num_warps
     d_pad = math.ceil(dim / bd) * bd
-    peak = hw["fp32_flops"] if ieee else (hw["tf32_flops"] if q == "float32" else hw["bf16_flops"])
-    mma_s = per_sm * tiles * 2 * bb * bk * d_pad / (peak / hw["sms"])
-    chunks = math.ceil(dim / bd) if facts["d_chunked_loop"] else 1
-    per_tile = math_per_tile = None
-    if facts["inner_len"]:
-        per_tile = facts["outer_extra"] + facts["inner_len"] * chunks
-        math_per_tile = facts["math_per_chunk"] * chunks
-    issue_s = (per_tile or 0) * per_sm * tiles * facts["num_warps"] / hw["issue_per_clk"] / hw["clock_hz"]
-    queue_bytes = num_rows * dim * _ITEMSIZE[q]
-    l2_s = qblocks * queue_bytes / hw["l2_bytes_s"]
-    hbm_s = queue_bytes / hw["hbm_bytes_s"]
-    parts = {"tensor": mma_s, "l2": l2_s, "hbm": hbm_s, "issue": issue_s}
-    bound = max(parts, key=parts.get)
+    chunks = d_pad // bd
+    op_item = 2 if cfg.kind == "mma16" else 4
+    q_item = _ITEM[q_dtype]
+    tile = per_tile(facts, chunks)
+    fma = facts["tensor_op"] == "FMA (CUDA cores)"
+    w_smsp = warps / 4  # warps per scheduler
+
+    t_tc = 0.0 if fma else 2 * bb * bk * d_pad / (gpu.tensor_flops_clk[cfg.kind] * c["tensor_eff"])
+    smem = (tile["ldsm_bytes"] + tile["lds_bytes"] + tile["sts_bytes"]) * warps
+    if facts["hgmma"]:
+        smem += max(1, warps // 4) * (tile["hgmma_a_smem_bytes"] + tile["hgmma_b_smem_bytes"])
+    if c["fill_writes"]:
+        smem += bk * d_pad * q_item + (0 if cfg.d_resident else bb * d_pad * op_item)
+    t_smem = smem / gpu.smem_bytes_clk
+    t_mma = max(t_tc, t_smem)
+    instr = tile["instructions"]
+    if fma:  # the FFMAs at the FP32 pipe's rate
+        t_issue = ((instr - tile["math"]) * c["cpi"] + tile["math"] * max(c["cpi"], gpu.ffma_clk)) * w_smsp
+    else:
+        t_issue = instr * w_smsp * c["cpi"]
+    t_in = min(tile["in_flight"], instr) * w_smsp * c["cpi"]
+    t_out = t_issue - t_in
+    waits0 = sum(1 for w in tile["wgmma_waits"] if w == 0)
+    if facts["hmma"] and not facts["hgmma"]:
+        waits0 = 1  # mma.sync: the epilogue reads the accumulators, the pipe's tail is exposed once
+    t_bar = tile["cta_barriers"] * c["c_bar"]
+    if fma:  # nothing asynchronous: the warps' LDS-fed FFMAs interleave, issue and operand reads overlap
+        chain = max(t_issue, t_smem) + t_bar
+    else:
+        chain = t_out + max(t_mma, t_in) + t_bar + waits0 * c["c_drain"]
+
+    query_blocks, splits = plan.grid
+    programs_per_sm = math.ceil(query_blocks * splits / gpu.sms)
+    resident = max(1, min(facts["occupancy"], programs_per_sm))
+    rnd = chain if resident == 1 else max(chain, resident * t_mma, resident * t_issue)
+    tiles = math.ceil(math.ceil(HEADLINE_K / bk) / splits)
+    loop_s = tiles * math.ceil(programs_per_sm / resident) * rnd / gpu.clock_hz
+
+    queue_rows = min(HEADLINE_K, splits * tiles * bk)
+    l2_bytes = query_blocks * queue_rows * d_pad * q_item
+    if not cfg.d_resident:  # the query chunks are re-read every tile
+        l2_bytes += query_blocks * splits * tiles * bb * d_pad * op_item
+    l2_s = l2_bytes / gpu.l2_bytes_s
+    z_bytes = batch * dim * _ITEM[z_dtype]
+    hbm_s = (HEADLINE_K * dim * q_item + z_bytes) / gpu.hbm_bytes_s
+    main_s = max(loop_s, l2_s, hbm_s)
+
+    if first_pass:  # the first pass reads z twice and writes the operand block; each CTA loads its block
+        prologue_s = (c["launch_gap_us"] * 1e-6 + (2 * z_bytes + query_blocks * bb * d_pad * op_item) / gpu.hbm_bytes_s
+                      + query_blocks * splits * bb * d_pad * op_item / gpu.l2_bytes_s)
+    else:  # each CTA reads its z block twice (the norms, then the operand)
+        prologue_s = 2 * query_blocks * splits * bb * dim * _ITEM[z_dtype] / gpu.l2_bytes_s
+    prologue_s += c["fill_us"] * 1e-6
+    merge_s = c["merge_us"] * 1e-6
+    total = prologue_s + main_s + merge_s
     return {
-        "grid": [qblocks, splits], "programs": programs, "ctas_per_sm": occ, "waves": round(waves, 3),
-        "tiles_per_program": tiles, "sass_per_tile": per_tile, "math_per_tile": math_per_tile,
-        **{f"{k}_us": round(v * 1e6, 2) for k, v in parts.items()},
-        "model_us": round(parts[bound] * 1e6, 2), "bound": bound,
+        "ctas_resident": resident, "tiles_per_cta": tiles,
+        "t_tc_clk": round(t_tc), "t_smem_clk": round(t_smem), "t_issue_clk": round(t_issue),
+        "t_in_flight_clk": round(t_in), "chain_clk": round(chain), "round_clk": round(rnd),
+        "loop_us": round(loop_s * 1e6, 1), "l2_us": round(l2_s * 1e6, 1), "hbm_us": round(hbm_s * 1e6, 1),
+        "prologue_us": round(prologue_s * 1e6, 1), "merge_us": round(merge_s * 1e6, 1),
+        "total_us": round(total * 1e6, 1),
+        "bound": max((("loop", loop_s), ("L2", l2_s), ("HBM", hbm_s)), key=lambda x: x[1])[0],
     }
 
 
-def run(kernel: Path, jobs: int) -> dict:
-    mod = load_kernel_module(kernel)
-    current = hasattr(mod, "_nn_search_kernel")
-    variants = current_variants if current else legacy_variants
-    keys, grids, unique = [], {}, {}
-    for case in CASES:
-        for dim in HEADLINE_D:
-            for name, spec, grid, _config in variants(mod, case, dim):
-                # The legacy kernel's D is a runtime argument: one compile serves every D.
-                same = (case, name, json.dumps(spec["const"], sort_keys=True, default=str))
-                unique.setdefault(same, (str(kernel), case, dim, name))
-                keys.append((case, dim, name, same))
-                grids[(case, dim, name)] = grid
+# --------------------------------------------------------------------------------------------
+# The report.
+
+
+def run(jobs: int, label: str) -> dict:
+    plans, kernels = _modules()
+    first_pass = hasattr(kernels, "_normalize_queries_kernel")
+    todo = [(g.name, case, dim) for g in GPUS for case in CASES for dim in HEADLINE_D]
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        compiled = {key: (facts, blocks) for key, facts, blocks in pool.map(_compile_job, unique.values())}
-    results = {(case, dim, name): compiled[unique[same]] for case, dim, name, same in keys}
+        compiled = dict(pool.map(_compile_job, todo))
     rows = []
-    for (case, dim, name), (facts, blocks) in results.items():
-        for batch in HEADLINE_B:
-            picked = None
-            if current:
-                picked = plans.plan_search(_problem(case, batch, dim), H100_SPEC).config.name == name
-            rows.append({
-                "case": case, "B": batch, "D": dim, "K": HEADLINE_K, "config": name,
-                "launcher_picks": picked, **blocks, **facts,
-                **model(facts, blocks, case, batch, dim, HEADLINE_K, grids[(case, dim, name)]),
-            })
-    return {"kernel": str(kernel), "generation": "hopper-v2" if current else "two-stage", "hw": H100, "rows": rows}
+    for gpu in GPUS:
+        for case in CASES:
+            for dim in HEADLINE_D:
+                facts = compiled[(gpu.name, case, dim)]
+                for batch in HEADLINE_B:
+                    plan = plans.plan_search(_problem(plans, case, batch, dim), gpu.spec())
+                    lo, hi = (model(facts, plan, gpu, case, batch, dim, first_pass, end) for end in (0, 1))
+                    tile = per_tile(facts, math.ceil(dim / dict(plan.constexprs)["BLOCK_D"]))
+                    waits = tile["wgmma_waits"]
+                    rows.append({
+                        "gpu": gpu.name, "arch": gpu.arch, "case": case, "B": batch, "D": dim, "K": HEADLINE_K,
+                        "config": plan.config.name, "ctas_per_sm_planned": plan.config.ctas_per_sm,
+                        "grid": list(plan.grid), "tensor_op": facts["tensor_op"], "queue_loads": facts["queue_loads"],
+                        "regs": facts["regs"], "spill_bytes": facts["spill_bytes"], "shared": facts["shared"],
+                        "occupancy": facts["occupancy"],
+                        "per_tile": {
+                            "instructions": tile["instructions"], "math": tile["math"],
+                            "math_ops": facts["loop"]["math_ops"],
+                            "query_reads_from_smem_by_wgmma": bool(tile["hgmma_a_smem"]),
+                            "ldsm": tile["ldsm"], "lds": tile["lds"], "sts": tile["sts"],
+                            "ldsm_lds_bytes_per_warp": tile["ldsm_bytes"] + tile["lds_bytes"],
+                            "wgmma_waits": len(waits), "wgmma_wait_depth": min(waits) if waits else None,
+                            "in_flight": tile["in_flight"], "cta_barriers": tile["cta_barriers"],
+                        },
+                        "low": lo, "high": hi,
+                    })
+    return {"label": label, "first_pass": first_pass, "gpus": [dataclasses.asdict(g) for g in GPUS],
+            "constants": dataclasses.asdict(CONST), "rows": rows, "targets": _verdicts(rows)}
+
+
+def _verdicts(rows) -> list[dict]:
+    out = []
+    for gpu in GPUS:
+        for case in CASES:
+            target = targets(gpu, case)
+            if target is None:
+                continue
+            row = next(r for r in rows if r["gpu"] == gpu.name and r["case"] == case and (r["B"], r["D"]) == HEADLINE)
+            lo, hi = row["low"]["total_us"], row["high"]["total_us"]
+            verdict = "met" if hi <= target[0] else "met at the low end only" if lo <= target[0] else "missed"
+            out.append({"gpu": gpu.name, "case": case, "config": row["config"], "target_us": target[0],
+                        "target": target[1], "low_us": lo, "high_us": hi, "verdict": verdict})
+    return out
 
 
 def to_markdown(report: dict) -> str:
-    hw = report["hw"]
+    c = report["constants"]
+
+    def pair(key, unit=""):
+        return f"{c[key][0]}-{c[key][1]}{unit}"
+
     lines = [
-        f"# Kernel report ({report['generation']}): `{os.path.relpath(report['kernel'], ROOT)}`",
+        f"# Kernel report: {report['label']}",
         "",
-        "Compiled for sm_90a with Triton's ptxas; read with cuobjdump. No GPU was used.",
+        "Compiled offline with Triton's ptxas and read in SASS (benchmarks/kernel_compile.py); no GPU was used. "
+        "**Every time is a MODEL** (benchmarks/kernel_report.py's docstring), given as a low-high range.",
         "",
-        "**model_us is a MODEL, not a measurement**: max(tensor-core, L2->SM, HBM, issue) time on the "
-        f"busiest SM of an H100 SXM ({hw['sms']} SMs, {hw['clock_hz'] / 1e9:.2f} GHz, "
-        f"{hw['bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {hw['tf32_flops'] / 1e12:.0f} TF32, "
-        f"{hw['fp32_flops'] / 1e12:.0f} FP32 FMA, {hw['hbm_bytes_s'] / 1e12:.2f} TB/s HBM, "
-        f"ASSUMED {hw['l2_bytes_s'] / 1e12:.1f} TB/s L2->SM, {hw['issue_per_clk']} warp-instructions/clk/SM). "
-        "Every query block streams the whole queue from L2; HBM reads it once. Latency, pipeline "
-        "bubbles, launch overhead and the stage-2 merge are not modelled. "
-        "Occupancy from 65536 regs, 228 KiB smem (227 KiB/block), 2048 threads per SM.",
+        "Constants. " + "; ".join(
+            f"{g['name']}: {g['sms']} SMs at {g['clock_hz'] / 1e9:.2f} GHz (the tensor peak's clock), "
+            f"{g['tensor_flops_clk']['mma16']} bf16 / {g['tensor_flops_clk']['tf32']} TF32 FLOP per clock per SM, "
+            f"{g['smem_bytes_clk']} B/clk shared memory per SM, HBM {g['hbm_bytes_s'] / 1e12:.2f} TB/s, "
+            f"L2->SM {g['l2_bytes_s'] / 1e12:.1f} TB/s (ASSUMED)" for g in report["gpus"]) + ". "
+        f"ASSUMED (low-high): tensor efficiency {pair('tensor_eff')}, {pair('cpi')} cycles per instruction, "
+        f"{pair('c_bar')} clk per barrier, {pair('c_drain')} clk per 0-deep MMA wait, TMA / cp.async writes "
+        f"counted in shared-memory traffic at the high end only, first-pass launch gap {pair('launch_gap_us', ' us')}, "
+        f"pipeline fill {pair('fill_us', ' us')}, merge {pair('merge_us', ' us')}. "
+        + ("The kernel has a first pass (normalising the queries)." if report["first_pass"] else
+           "The kernel normalises the queries in its own prologue (no first pass)."),
         "",
-        "| case | B | D | config | picked | op | queue loads | regs | spill B | smem KiB | CTAs/SM | grid | waves "
-        "| SASS/tile | MMA/tile | tensor us | L2 us | HBM us | issue us | **model us** | bound |",
-        "|" + "---|" * 21,
+        "Per queue tile of one CTA, per warp, from the SASS: MMA = tensor-core instructions (FFMA for exact float32); "
+        "A smem = wgmma reads the query block from shared memory; reload = LDSM + LDS bytes the warp reads itself; "
+        "waits = wgmma waits (depth: groups left in flight); in flight = instructions issued while a wgmma group is "
+        "in flight; BAR = CTA-wide barriers. CTAs/SM: planned / what the compiled kernel allows.",
+        "",
+        "| GPU | case | B | D | config | op | regs | smem KiB | CTAs/SM | grid | MMA | A smem | reload B | waits (depth) "
+        "| in flight | BAR | instr | t_tc / t_smem / t_issue clk | chain clk | loop us | L2 us | prologue us "
+        "| **total us (model)** | bound |",
+        "|" + "---|" * 24,
     ]
-    for r in sorted(report["rows"], key=lambda r: (r["case"], r["D"], r["B"], r["config"])):
-        picked = {True: "yes", False: "", None: "?"}[r["launcher_picks"]]
+    for r in report["rows"]:
+        t, lo, hi = r["per_tile"], r["low"], r["high"]
+        depth = "-" if t["wgmma_wait_depth"] is None else t["wgmma_wait_depth"]
         lines.append(
-            f"| {r['case']} | {r['B']} | {r['D']} | {r['config']} | {picked} | {r['tensor_op']} | {r['queue_loads']} "
-            f"| {r['regs']} | {r['spill_bytes']} | {r['shared'] / 1024:.1f} | {r['ctas_per_sm']} "
-            f"| {r['grid'][0]}x{r['grid'][1]} | {r['waves']} | {r['sass_per_tile']} | {r['math_per_tile']} "
-            f"| {r['tensor_us']} | {r['l2_us']} | {r['hbm_us']} | {r['issue_us']} | **{r['model_us']}** | {r['bound']} |"
+            f"| {r['gpu']} | {r['case']} | {r['B']} | {r['D']} | {r['config']} | {r['tensor_op']}, {r['queue_loads']} "
+            f"| {r['regs']} | {r['shared'] / 1024:.1f} | {r['ctas_per_sm_planned']} / {r['occupancy']} "
+            f"| {r['grid'][0]}x{r['grid'][1]} | {t['math']} | {'yes' if t['query_reads_from_smem_by_wgmma'] else 'no'} "
+            f"| {t['ldsm_lds_bytes_per_warp']} | {t['wgmma_waits']} ({depth}) | {t['in_flight']} | {t['cta_barriers']} "
+            f"| {t['instructions']} | {lo['t_tc_clk']} / {lo['t_smem_clk']} / {lo['t_issue_clk']} "
+            f"| {lo['chain_clk']}-{hi['chain_clk']} | {lo['loop_us']}-{hi['loop_us']} | {lo['l2_us']}-{hi['l2_us']} "
+            f"| {lo['prologue_us']}-{hi['prologue_us']} | **{lo['total_us']}-{hi['total_us']}** | {hi['bound']} |"
         )
-    lines += ["", "## Targets (B=512, D=256, K=98,304): bf16 <= 40 us, TF32 <= 80 us (model)", ""]
-    for case, target in (("bf16", 40), ("tf32", 80)):
-        cands = [r for r in report["rows"] if r["case"] == case and r["B"] == 512 and r["D"] == 256]
-        use = [r for r in cands if r["launcher_picks"]] or cands
-        if use:
-            best = min(use, key=lambda r: r["model_us"])
-            verdict = "meets" if best["model_us"] <= target else "MISSES"
-            which = "launcher's pick" if best["launcher_picks"] else "best autotune config"
-            lines.append(f"- {case}: {which} `{best['config']}` models {best['model_us']} us ({best['bound']}-bound): {verdict} the {target} us target.")
+    batch, dim = HEADLINE
+    lines += ["", f"## Targets (model, B={batch}, D={dim}, K={HEADLINE_K:,})", "",
+              "| GPU | case | config | target | model us | verdict |", "|---|---|---|---|---|---|"]
+    for v in report["targets"]:
+        lines.append(f"| {v['gpu']} | {v['case']} | {v['config']} | <= {v['target_us']} us ({v['target']}) "
+                     f"| {v['low_us']}-{v['high_us']} | {v['verdict']} |")
     return "\n".join(lines) + "\n"
+
+
+def _extract(rev: str, into: str) -> None:
+    """This repository's nnclr_fast at ``rev``, unpacked under ``into``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev, "nnclr_fast"],
+                             capture_output=True, check=True).stdout
+    with tempfile.TemporaryFile() as f:
+        f.write(archive)
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
+            tar.extractall(into, filter="data")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernel_report"))
-    p.add_argument("--kernel", default=str(DEFAULT_KERNEL))
-    p.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--rev", help="report this git revision's kernel and plans instead of the checkout's")
+    p.add_argument("--jobs", type=int, default=2)
     args = p.parse_args(argv)
-    report = run(Path(args.kernel).resolve(), args.jobs)
+    if args.rev and SOURCE_ENV not in os.environ:
+        # kernel_compile puts the tree to compile first on sys.path when it is imported: a fresh
+        # process, so nothing of this checkout's nnclr_fast is loaded already.
+        with tempfile.TemporaryDirectory() as tree:
+            _extract(args.rev, tree)
+            env = dict(os.environ, **{SOURCE_ENV: tree})
+            env.pop("TRITON_INTERPRET", None)
+            return subprocess.run([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])],
+                                  env=env).returncode
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
+    sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev or "HEAD"],
+                         capture_output=True, text=True).stdout.strip()
+    label = f"revision {args.rev} ({sha})" if args.rev else f"this checkout (HEAD {sha}, with its working tree)"
+    report = run(args.jobs, label)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     out.with_suffix(".md").write_text(to_markdown(report))
+    print(to_markdown(report).split("## Targets")[1])
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
     return 0
 

@@ -170,34 +170,45 @@ class SearchConfig:
     num_warps: int
     num_stages: int
     ctas_per_sm: int = 1  # occupancy the grid is sized for; the compile matrix checks it is reached
+    # What the registers ctas_per_sm CTAs leave each thread hold without spilling (the compile
+    # matrix checks both limits at the edge): the largest running top-k (two 8-warp CTAs: 128
+    # registers, where a top-16 list spills), and whether the per-tile queue norms of
+    # normalize_queue fit next to it.
+    max_topk: int = MAX_KERNEL_TOPK
+    raw_bank: bool = True
 
     @property
     def name(self) -> str:
         chunk = "" if self.d_resident else f"d{self.block_d}"
-        return f"{self.kind}_b{self.block_b}k{self.block_k}{chunk}_w{self.num_warps}s{self.num_stages}"
+        ctas = f"c{self.ctas_per_sm}" if self.ctas_per_sm > 1 else ""
+        return f"{self.kind}_b{self.block_b}k{self.block_k}{chunk}_w{self.num_warps}s{self.num_stages}{ctas}"
 
     def block_d_for(self, dim: int) -> int:
         return max(16, _next_power_of_2(dim)) if self.d_resident else self.block_d
 
-    def applies_to(self, dim: int) -> bool:
-        return not self.d_resident or _next_power_of_2(dim) <= MAX_RESIDENT_D
+    def applies_to(self, problem: "SearchProblem") -> bool:
+        return ((not self.d_resident or _next_power_of_2(problem.dim) <= MAX_RESIDENT_D)
+                and problem.k <= self.max_topk and (self.raw_bank or not problem.normalize_queue))
 
 
-def _resident(kind, block_b, block_k, num_warps, num_stages, ctas_per_sm=1) -> SearchConfig:
-    return SearchConfig(kind, True, block_b, block_k, 0, num_warps, num_stages, ctas_per_sm)
+def _resident(kind, block_b, block_k, num_warps, num_stages, ctas_per_sm=1, max_topk=MAX_KERNEL_TOPK,
+              raw_bank=True) -> SearchConfig:
+    return SearchConfig(kind, True, block_b, block_k, 0, num_warps, num_stages, ctas_per_sm, max_topk, raw_bank)
 
 
-def _chunked(kind, block_b, block_k, block_d, num_warps, num_stages, ctas_per_sm=1) -> SearchConfig:
-    return SearchConfig(kind, False, block_b, block_k, block_d, num_warps, num_stages, ctas_per_sm)
+def _chunked(kind, block_b, block_k, block_d, num_warps, num_stages, ctas_per_sm=1,
+             max_topk=MAX_KERNEL_TOPK) -> SearchConfig:
+    return SearchConfig(kind, False, block_b, block_k, block_d, num_warps, num_stages, ctas_per_sm, max_topk)
 
 
 # Architecture -> kernel family: what Triton makes of the kernel there.
 #   mma_sync: HMMA (mma.sync); the queue pipelined through num_stages - 1 shared-memory buffers
-#             (cp.async, or TMA on sm_120), the resident queries in shared memory;
-#   wgmma / tcgen05: Hopper's / datacenter Blackwell's MMA, both operands in shared memory,
-#             num_stages TMA buffers;
-#   mfma:     AMD's matrix cores (wave64); num_stages - 1 LDS buffers, the resident queries staged
-#             through LDS once before the loop (then held in registers).
+#             (cp.async, or TMA on sm_120), the resident query block in shared memory, both
+#             operands re-read into registers (ldmatrix) every tile;
+#   wgmma / tcgen05: Hopper's / datacenter Blackwell's MMA, reading both operands straight from
+#             shared memory (the query block, loaded once, and num_stages TMA queue buffers);
+#   mfma:     AMD's matrix cores (wave64); num_stages - 1 LDS buffers, the resident query block
+#             staged through LDS once before the loop (then held in registers).
 ARCH_FAMILY = {
     "sm_80": "mma_sync",
     "sm_86": "mma_sync",
@@ -212,21 +223,34 @@ ARCH_FAMILY = {
 # (checked on the PTX of Triton 3.8: no mma at all).
 NO_TENSOR_CORES = ("sm_70", "sm_75")
 
+# Candidates, best first (see the module docstring). Hopper's 16-bit config is the one the
+# static model (benchmarks/kernel_report.py) rates best: a 32-row queue tile keeps it at 112 KiB
+# with D=256, so two CTAs share an SM and each one's epilogue and barriers run under the other's
+# wgmma. A float32 query block is twice that size: one CTA per SM at D=256. Two 8-warp CTAs leave
+# 128 registers per thread, too few for a top-16 list: a one-CTA twin follows each.
 _HOPPER_CLASS = {  # wgmma and tcgen05: 227 KiB per block
-    "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _chunked("mma16", 128, 64, 64, 8, 3)),
+    "mma16": (_resident("mma16", 128, 32, 8, 3, ctas_per_sm=2, max_topk=8), _resident("mma16", 128, 32, 8, 3),
+              _resident("mma16", 64, 32, 4, 3, ctas_per_sm=2), _chunked("mma16", 128, 64, 64, 8, 3)),
     # At D=256 three float32 stages (224 KiB) leave less than the margin: two stages then.
-    "tf32": (_resident("tf32", 128, 32, 8, 3), _resident("tf32", 128, 32, 8, 2), _resident("tf32", 64, 32, 4, 3),
-             _chunked("tf32", 128, 64, 32, 8, 3)),
+    "tf32": (_resident("tf32", 128, 32, 8, 3, ctas_per_sm=2, max_topk=8), _resident("tf32", 128, 32, 8, 2),
+             _resident("tf32", 64, 32, 4, 3), _chunked("tf32", 128, 32, 64, 8, 3)),
     "ieee": (_chunked("ieee", 64, 32, 16, 4, 3, ctas_per_sm=2),),
 }
 CANDIDATES = {
     "wgmma": _HOPPER_CLASS,
     "tcgen05": _HOPPER_CLASS,
-    # 163 KiB (sm_80) or 99 KiB (sm_86, sm_89, sm_120) per block.
+    # 163 KiB (sm_80) or 99 KiB (sm_86, sm_89, sm_120) per block. Two 81 KiB CTAs share an A100
+    # SM at D=256, of 4 warps each: each warp loads its rows of the query block and the whole
+    # queue tile by ldmatrix every tile, so fewer warps per CTA read less shared memory (the
+    # model rates it 1.4x the 8-warp CTA). A 99 KiB part takes the 16-row queue tile at D=256.
+    # Where a raw bank's per-tile norms spill registers (the 4-warp CTA at D=256, resident float32
+    # blocks), a raw bank takes the next config.
     "mma_sync": {
-        "mma16": (_resident("mma16", 128, 64, 8, 3), _resident("mma16", 64, 64, 4, 3), _resident("mma16", 64, 32, 4, 4),
-                  _chunked("mma16", 128, 64, 64, 8, 3), _chunked("mma16", 128, 64, 32, 8, 3)),
-        "tf32": (_resident("tf32", 128, 32, 8, 3), _resident("tf32", 64, 32, 4, 3), _chunked("tf32", 128, 64, 32, 8, 3)),
+        "mma16": (_resident("mma16", 128, 32, 4, 2, ctas_per_sm=2, raw_bank=False), _resident("mma16", 128, 16, 8, 3),
+                  _resident("mma16", 64, 32, 4, 3), _chunked("mma16", 128, 32, 64, 8, 2, ctas_per_sm=2, max_topk=5),
+                  _chunked("mma16", 128, 64, 32, 8, 3)),
+        "tf32": (_resident("tf32", 128, 32, 8, 2, raw_bank=False), _resident("tf32", 64, 32, 4, 2, raw_bank=False),
+                 _resident("tf32", 64, 16, 4, 2, raw_bank=False), _chunked("tf32", 128, 64, 32, 8, 3)),
         "ieee": (_chunked("ieee", 64, 32, 16, 4, 3, ctas_per_sm=2),),
     },
     # 64 KiB of LDS per block.
@@ -248,33 +272,39 @@ def config_kind(problem: SearchProblem, family: str) -> str:
     return "mma16" if sixteen_bit else "tf32"
 
 
-def smem_estimate(cfg: SearchConfig, problem: SearchProblem, family: str) -> int:
-    """Upper bound of the shared memory (bytes) ``cfg`` takes for ``problem`` in ``family``.
+def smem_estimate(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec) -> int:
+    """Upper bound of the shared memory (bytes) ``cfg`` takes for ``problem`` on ``device``.
 
-    The pipelined queue tiles; the resident queries as the dot's operand (on AMD staged through
-    LDS before the loop, so not live at the same time as the tiles); with D-chunks, the pipelined
-    query chunks in z's dtype, their converted operand, a converted queue chunk when the queue's
-    dtype is not the operand's, and a queue buffer per stage (TMA keeps one more than cp.async);
-    BLOCK_B x 8 bytes of reduction scratch and 256 bytes of pipeline barriers.
+    The pipelined queue tiles (wgmma and tcgen05 keep a buffer per stage, mma.sync and MFMA one
+    fewer, TMA or not) and the query block in the dot's operand dtype: resident, once (on AMD
+    staged through LDS before the loop, so not live at the same time as the tiles); with
+    D-chunks, a buffer per stage, plus a converted queue chunk when the queue's dtype is not the
+    operand's. Then the scratch: wgmma's warps split the query rows only, so its reductions stay
+    in a warp (512 bytes cover its barriers and the odd layout conversion); elsewhere BLOCK_B x 8 bytes of cross-warp reduction
+    scratch, plus the mbarriers of TMA stages. The compile matrix checks every plan against it.
     """
+    family = ARCH_FAMILY[device.arch]
     operand = 4 if cfg.kind in ("tf32", "ieee", "fp32") else 2
-    queue_item, z_item = problem.queue_dtype.itemsize, problem.z_dtype.itemsize
+    queue_item = problem.queue_dtype.itemsize
     block_d = cfg.block_d_for(problem.dim)
-    buffers = cfg.num_stages if family in ("wgmma", "tcgen05") else cfg.num_stages - 1
-    scratch = cfg.block_b * 8 + 256
+    async_mma = family in ("wgmma", "tcgen05")
+    tiles = (cfg.num_stages if async_mma else cfg.num_stages - 1) * cfg.block_k * block_d * queue_item
+    if async_mma:
+        scratch = 512
+    else:
+        scratch = cfg.block_b * 8 + (16 * cfg.num_stages if problem.queue_tma_layout and _has_tma(device) else 0)
     if cfg.d_resident:
-        tiles = buffers * cfg.block_k * block_d * queue_item
         queries = cfg.block_b * block_d * operand
         return (max(queries, tiles) if family == "mfma" else queries + tiles) + scratch
-    tiles = cfg.num_stages * cfg.block_k * block_d * queue_item
+    queries = cfg.num_stages * cfg.block_b * block_d * operand
     converted_queue = cfg.block_k * block_d * operand if queue_item != operand else 0
-    return buffers * cfg.block_b * block_d * z_item + tiles + cfg.block_b * block_d * operand + converted_queue + scratch
+    return queries + tiles + converted_queue + scratch
 
 
-def fits(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec, family: str) -> bool:
+def fits(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec) -> bool:
     """``cfg``'s estimate leaves SMEM_MARGIN free, and ``ctas_per_sm`` of them share an SM (whose
     shared memory is the per-block limit plus the 1 KiB every block reserves)."""
-    need = smem_estimate(cfg, problem, family)
+    need = smem_estimate(cfg, problem, device)
     return (need + SMEM_MARGIN <= device.smem_per_block
             and cfg.ctas_per_sm * (need + 1024) <= device.smem_per_block + 1024)
 
@@ -344,6 +374,20 @@ def _unplanned(device: DeviceSpec) -> Optional[SearchPlan]:
 
 
 @dataclasses.dataclass(frozen=True)
+class FirstPassConfig:
+    """Launch config of the first pass (normalising the queries into the padded query buffer).
+    ``rows`` per program divides every BLOCK_B, so the grid covers the buffer exactly; one stage:
+    its two passes over a row are latency-bound and nothing is gained by buffering them."""
+
+    rows: int = 16
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+FIRST_PASS = FirstPassConfig()
+
+
+@dataclasses.dataclass(frozen=True)
 class SearchPlan:
     """What the launcher runs; ``fallback`` says why the fused kernel cannot (then ``config`` is None)."""
 
@@ -356,6 +400,11 @@ class SearchPlan:
     # CUDA: the registers per thread ptxas may use (.maxnreg). Without it ptxas caps a kernel
     # near an occupancy step of its own choosing (128 registers at 8 warps) and spills a few bytes.
     maxnreg: Optional[int] = None
+    # The first pass's output: (query blocks x BLOCK_B, D padded to whole D-chunks) normalised
+    # queries in the dot's operand dtype (the queue's 16-bit dtype, else float32).
+    query_buffer: tuple[int, int] = (0, 0)
+    query_dtype: Optional[torch.dtype] = None
+    first_pass: FirstPassConfig = FIRST_PASS
 
     @property
     def fused(self) -> bool:
@@ -375,17 +424,17 @@ class SearchPlan:
     def kernel_key(self) -> tuple:
         """What identifies the compiled kernel (the grid does not): one compile serves every plan
         with the same key."""
-        return self.constexprs, self.num_warps, self.num_stages, self.maxnreg
+        return self.constexprs, self.num_warps, self.num_stages, self.maxnreg, self.query_dtype, self.first_pass
 
 
 def choose_config(problem: SearchProblem, device: DeviceSpec) -> Optional[SearchConfig]:
     """The first of the family's candidates that applies to D and fits the device, or None."""
     family = ARCH_FAMILY[device.arch]
-    candidates = [c for c in CANDIDATES[family][config_kind(problem, family)] if c.applies_to(problem.dim)]
+    candidates = [c for c in CANDIDATES[family][config_kind(problem, family)] if c.applies_to(problem)]
     if problem.batch <= 64:
         # A 128-query block would be more than half padding: 64-query blocks first (stable sort).
         candidates.sort(key=lambda c: c.block_b > 64)
-    return next((c for c in candidates if fits(c, problem, device, family)), None)
+    return next((c for c in candidates if fits(c, problem, device)), None)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -442,4 +491,7 @@ def plan_with(cfg: SearchConfig, problem: SearchProblem, device: DeviceSpec) -> 
     if device.backend == "cuda":
         # As many as let ctas_per_sm CTAs share the 64 K-register file, at most 255.
         maxnreg = min(255, REGISTERS_PER_SM // (cfg.ctas_per_sm * cfg.num_warps * 32))
-    return SearchPlan(cfg, grid, tuple(constexprs.items()), cfg.num_warps, cfg.num_stages, maxnreg=maxnreg)
+    sixteen_bit = problem.queue_dtype in (torch.bfloat16, torch.float16) and not constexprs["IEEE"]
+    query_buffer = (grid[0] * cfg.block_b, _cdiv(problem.dim, block_d) * block_d)
+    return SearchPlan(cfg, grid, tuple(constexprs.items()), cfg.num_warps, cfg.num_stages, maxnreg=maxnreg,
+                      query_buffer=query_buffer, query_dtype=problem.queue_dtype if sixteen_bit else torch.float32)

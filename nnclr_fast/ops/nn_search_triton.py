@@ -1,19 +1,28 @@
-"""Fused nearest-neighbour search: normalise queries, score every queue row, keep the best.
+"""Fused nearest-neighbour search: normalise the queries once, score every queue row, keep the best.
 
-One kernel, `_nn_search_kernel`, on a grid of (query blocks, queue splits) sized to one wave of
-the chosen config (SMs x CTAs per SM), so no program waits for a second wave:
+Two kernels per call on one stream, no host sync (a step can be captured in a CUDA graph):
 
-  * each program loads its BLOCK_B queries once, normalises them in float32, rounds them to the
-    tensor-core operand dtype and keeps them resident (D <= 256; larger D re-reads D-chunks of
-    the queries per queue tile, D_RESIDENT=False);
-  * it streams its contiguous slice of the queue in one loop (Triton's software pipeline spans
-    the whole slice), queue tiles fed by TMA tensor descriptors where the queue allows (16-byte
-    aligned base and row stride, contiguous rows) or by pointer loads otherwise (USE_TMA);
-  * scores exist only tile by tile: a running top-k of (score, index) per query lives in
-    registers, compared lexicographically (score descending, index ascending);
-  * stage 2 is fused: every program writes its per-query candidates, and the last program of a
-    query block to arrive (an atomic counter) merges the splits and writes the final result
-    (for a lookup it also gathers the winning rows).
+  * `_normalize_queries_kernel` (the first pass) writes every query normalised and rounded to
+    the tensor-core operand dtype into a padded, contiguous (B_pad, D_pad) buffer, plus each
+    row's two norm factors (for a lookup that finds nothing, whose answer is the query itself);
+  * `_nn_search_kernel` runs on a grid of (query blocks, queue splits) sized to one wave of the
+    chosen config (SMs x CTAs per SM), so no program waits for a second wave:
+
+      - each program loads its BLOCK_B rows of that buffer with a plain load and no arithmetic
+        on them (D <= 256; larger D loads D-chunks of it per queue tile, D_RESIDENT=False). On
+        Hopper Triton then feeds the block to wgmma straight from shared memory: no per-tile
+        reload into registers, few registers, and (bf16/fp16) two CTAs on an SM, whose epilogues
+        and barriers overlap each other's tensor work;
+      - it streams its contiguous slice of the queue in one loop (Triton's software pipeline
+        spans the whole slice), queue tiles fed by TMA tensor descriptors where the queue allows
+        (16-byte aligned base and row stride, contiguous rows) or by pointer loads otherwise;
+      - scores exist only tile by tile, masked by a select (an add would be folded into the
+        dot's accumulator: one more initialisation per tile, and the dot moved); a running top-k
+        of (score, index) per query lives in registers, compared lexicographically (score
+        descending, index ascending);
+      - stage 2 is fused: every program writes its per-query candidates, and the last program of
+        a query block to arrive (an atomic counter) merges the splits and writes the final result
+        (for a lookup it also gathers the winning rows).
 
 Ordering contract (nnclr_fast.ops.reference): higher score first, NaN scores rank as -inf (but the
 row stays a candidate), ties go to the lowest queue index, rows at or past `valid` never appear,
@@ -146,7 +155,60 @@ def _take_best(run_val, run_idx, scores, cols, slot, TOPK: tl.constexpr):
 
 
 @triton.jit
+def _normalize_queries_kernel(
+    z_ptr,
+    zn_ptr,
+    znorm_ptr,
+    B,
+    D,
+    stride_zb,
+    stride_zd,
+    stride_nb,
+    ROWS: tl.constexpr,
+    NORM_D: tl.constexpr,
+):
+    """The first pass: zn[r, :stride_nb] = z[r] / ||z[r]||, rounded to zn's dtype (the operand
+    dtype), and znorm[r] = (scale, inv) of the norm, for every row r of ROWS * programs. Rows
+    past B and columns past D are written too (zeros; NaN in the row of a query holding Inf or
+    NaN, which scores NaN anyway), so the search kernel reads whole blocks with no mask."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    in_b = rows < B
+    offs = tl.arange(0, NORM_D)
+    z_rows = z_ptr + rows.to(tl.int64)[:, None] * stride_zb
+    # The norm in D-chunks, so no more than one chunk of float32 queries is live.
+    z_exp = tl.zeros((ROWS,), dtype=tl.int32)
+    z_sq = tl.zeros((ROWS,), dtype=tl.float32)
+    for d0 in range(0, D, NORM_D):
+        d = d0 + offs
+        zc = tl.load(z_rows + d[None, :] * stride_zd, mask=in_b[:, None] & (d[None, :] < D), other=0.0)
+        z_exp, z_sq = _norm_step(zc.to(tl.float32), z_exp, z_sq)
+    z_scale, z_inv = _norm_factors(z_exp, z_sq)
+    tl.store(znorm_ptr + rows * 2, z_scale)
+    tl.store(znorm_ptr + rows * 2 + 1, z_inv)
+    zn_rows = zn_ptr + rows.to(tl.int64)[:, None] * stride_nb
+    for d0 in range(0, stride_nb, NORM_D):
+        d = d0 + offs
+        zc = tl.load(z_rows + d[None, :] * stride_zd, mask=in_b[:, None] & (d[None, :] < D), other=0.0)
+        zc = zc.to(tl.float32) * z_scale[:, None] * z_inv[:, None]
+        tl.store(zn_rows + d[None, :], _round_to(zc, zn_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _tile_dot(a, q, acc, IEEE: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """acc + a @ q^T for one (D-chunk of a) queue tile."""
+    if IEEE or UPCAST_DOT:
+        # UPCAST_DOT: the interpreter mis-computes 16-bit dots; a product of two 16-bit values is
+        # exact in float32, so the upcast dot gives the tensor-core numbers.
+        acc = tl.dot(a.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, tl.trans(q), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _nn_search_kernel(
+    zn_ptr,
+    znorm_ptr,
     z_ptr,
     q_ptr,
     q_desc,
@@ -160,6 +222,7 @@ def _nn_search_kernel(
     B,
     K,
     D,
+    stride_nb,
     stride_zb,
     stride_zd,
     stride_qk,
@@ -186,34 +249,13 @@ def _nn_search_kernel(
     pid_s = tl.program_id(1)
     num_splits = tl.num_programs(1)
 
-    # Tensor-core operand dtype: the queue's own (TF32 for float32), or exact float32.
-    if IEEE:
-        dot_ty: tl.constexpr = tl.float32
-    else:
-        dot_ty: tl.constexpr = q_ptr.dtype.element_ty
-
     rows_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = rows_b < B
     offs_d = tl.arange(0, BLOCK_D)
-    z_rows = z_ptr + rows_b.to(tl.int64)[:, None] * stride_zb
-
-    # The norm of each query (the contract's: no overflow, no eps), in D-chunks so no more than
-    # one chunk of float32 queries is live. The queries are normalised before the dot (then
-    # rounded to the operand dtype, as the contract says), so scores are cosines with no
-    # per-score scaling.
-    offs_c = tl.arange(0, NORM_D)
-    z_exp = tl.zeros((BLOCK_B,), dtype=tl.int32)
-    z_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
-    for d0 in range(0, D, NORM_D):
-        d = d0 + offs_c
-        zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & (d[None, :] < D), other=0.0)
-        z_exp, z_sq = _norm_step(zc.to(tl.float32), z_exp, z_sq)
-    z_scale, z_inv = _norm_factors(z_exp, z_sq)
+    # The first pass's output: padded to whole blocks, so no mask, and nothing to compute on it.
+    zn_rows = zn_ptr + rows_b.to(tl.int64)[:, None] * stride_nb + offs_d[None, :]
     if D_RESIDENT:
-        zr = tl.load(z_rows + offs_d[None, :] * stride_zd, mask=mask_b[:, None] & (offs_d[None, :] < D), other=0.0)
-        zr = _round_to(zr.to(tl.float32) * z_scale[:, None] * z_inv[:, None], dot_ty)
-        if UPCAST_DOT:
-            zr = zr.to(tl.float32)
+        zr = tl.load(zn_rows)
 
     stop = K
     if HAS_VALID:
@@ -240,55 +282,37 @@ def _nn_search_kernel(
         rows_k = k0 + offs_k
         in_slice = rows_k < end
         q_rows = q_ptr + rows_k.to(tl.int64)[:, None] * stride_qk
+        acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        q_exp = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        q_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         if D_RESIDENT:
             if USE_TMA:
                 # Rows past K arrive as zeros (TMA bounds); they are masked below like every row past `end`.
                 q = q_desc.load([k0, 0])
             else:
                 q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=in_slice[:, None] & (offs_d[None, :] < D), other=0.0)
-            if IEEE:
-                acc = tl.dot(zr, tl.trans(q.to(tl.float32)), input_precision="ieee")
-            elif UPCAST_DOT:
-                # The interpreter mis-computes 16-bit dots; a product of two 16-bit values is exact in
-                # float32, so the upcast dot gives the tensor-core numbers.
-                acc = tl.dot(zr, tl.trans(q.to(tl.float32)), input_precision="ieee")
-            else:
-                acc = tl.dot(zr, tl.trans(q), input_precision=DOT_PRECISION)
+            acc = _tile_dot(zr, q, acc, IEEE, DOT_PRECISION, UPCAST_DOT)
             if NORMALIZE_QUEUE:
-                q_exp, q_sq = _norm_step(q.to(tl.float32), tl.zeros((BLOCK_K,), dtype=tl.int32), tl.zeros((BLOCK_K,), dtype=tl.float32))
+                q_exp, q_sq = _norm_step(q.to(tl.float32), q_exp, q_sq)
         else:
-            acc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-            q_exp = tl.zeros((BLOCK_K,), dtype=tl.int32)
-            q_sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 d = d0 + offs_d
-                mask_d = d < D
-                zc = tl.load(z_rows + d[None, :] * stride_zd, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-                zc = _round_to(zc.to(tl.float32) * z_scale[:, None] * z_inv[:, None], dot_ty)
                 if USE_TMA:
                     q = q_desc.load([k0, d0])
                 else:
-                    q = tl.load(q_rows + d[None, :] * stride_qd, mask=in_slice[:, None] & mask_d[None, :], other=0.0)
+                    q = tl.load(q_rows + d[None, :] * stride_qd, mask=in_slice[:, None] & (d[None, :] < D), other=0.0)
+                acc = _tile_dot(tl.load(zn_rows + d0), q, acc, IEEE, DOT_PRECISION, UPCAST_DOT)
                 if NORMALIZE_QUEUE:
                     q_exp, q_sq = _norm_step(q.to(tl.float32), q_exp, q_sq)
-                if IEEE:
-                    acc = tl.dot(zc, tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
-                elif UPCAST_DOT:
-                    acc = tl.dot(zc.to(tl.float32), tl.trans(q.to(tl.float32)), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(zc, tl.trans(q), acc, input_precision=DOT_PRECISION)
-        # Per column, not per score: rows past the slice get -inf and the sentinel index, so they
-        # lose every comparison, even against a real row scoring -inf (which has a lower index).
-        col_bias = tl.where(in_slice, 0.0, float("-inf"))
-        cols = tl.where(in_slice, rows_k, SENTINEL)
         if NORMALIZE_QUEUE:
             # Two factors, not their product: scale * inv overflows for rows of subnormal entries.
             q_scale, q_inv = _norm_factors(q_exp, q_sq)
-            acc = acc * q_scale[None, :] * q_inv[None, :] + col_bias[None, :]
-        else:
-            acc = acc + col_bias[None, :]
+            acc = acc * q_scale[None, :] * q_inv[None, :]
+        # Per column, not per score: rows past the slice get -inf and the sentinel index, so they
+        # lose every comparison, even against a real row scoring -inf (which has a lower index).
         # max.f32 returns the non-NaN operand: NaN scores become -inf in one instruction.
-        scores = tl.maximum(acc, float("-inf"))
+        scores = tl.where(in_slice[None, :], tl.maximum(acc, float("-inf")), float("-inf"))
+        cols = tl.where(in_slice, rows_k, SENTINEL)
         run_val, run_idx = _take_best(run_val, run_idx, scores, cols[None, :], slot, TOPK)
 
     # Stage 1 output: per query, TOPK_PAD candidates per split (padding slots as "no candidate").
@@ -329,9 +353,14 @@ def _nn_search_kernel(
         if LOOKUP:
             found = fin_idx != SENTINEL
             tl.store(out_idx_ptr + rows_b, tl.where(found, fin_idx, -1).to(tl.int64), mask=mask_b)
-            # The winning rows, in z's dtype; with nothing searchable, F.normalize(z) instead.
+            # The winning rows, in z's dtype; with nothing searchable, the normalised query instead
+            # (from z and the first pass's factors, rounded once, to z's dtype).
             src = q_ptr + tl.where(found, fin_idx, 0).to(tl.int64)[:, None] * stride_qk
             dst = out_ptr + rows_b.to(tl.int64)[:, None] * stride_ob
+            z_rows = z_ptr + rows_b.to(tl.int64)[:, None] * stride_zb
+            z_scale = tl.load(znorm_ptr + rows_b * 2)
+            z_inv = tl.load(znorm_ptr + rows_b * 2 + 1)
+            offs_c = tl.arange(0, NORM_D)
             for d0 in range(0, D, NORM_D):
                 d = d0 + offs_c
                 m = mask_b[:, None] & (d[None, :] < D)
@@ -421,9 +450,14 @@ def _launch(plan, z, queue, valid, k, lookup):
     batch, dim = z.shape
     q_desc = TensorDescriptor.from_tensor(queue, list(plan.block_shape)) if plan.use_tma else queue
     query_blocks, splits = plan.grid
-    topk_pad = dict(plan.constexprs)["TOPK_PAD"]
+    constexprs = dict(plan.constexprs)
+    topk_pad = constexprs["TOPK_PAD"]
 
     dev = z.device
+    # Allocated per call like the partial buffers: the caching allocator makes that cheap, and
+    # nothing outlives the call (CUDA-graph capture records them as the graph's own).
+    zn = torch.empty(plan.query_buffer, dtype=plan.query_dtype, device=dev)
+    znorm = torch.empty((plan.query_buffer[0], 2), dtype=torch.float32, device=dev)
     part_val = torch.empty((batch, splits * topk_pad), dtype=torch.float32, device=dev)
     part_idx = torch.empty((batch, splits * topk_pad), dtype=torch.int32, device=dev)
     counter = torch.zeros((query_blocks,), dtype=torch.int32, device=dev)
@@ -435,7 +469,14 @@ def _launch(plan, z, queue, valid, k, lookup):
         out = z  # never written
         out_idx = torch.empty((batch, k), dtype=torch.int64, device=dev)
         out_val = torch.empty((batch, k), dtype=torch.float32, device=dev)
+    first = plan.first_pass
+    _normalize_queries_kernel[(plan.query_buffer[0] // first.rows,)](
+        z, zn, znorm, batch, dim, z.stride(0), z.stride(1), zn.stride(0),
+        ROWS=first.rows, NORM_D=constexprs["NORM_D"], num_warps=first.num_warps, num_stages=first.num_stages,
+    )
     _nn_search_kernel[plan.grid](
+        zn,
+        znorm,
         z,
         queue,
         q_desc,
@@ -449,13 +490,14 @@ def _launch(plan, z, queue, valid, k, lookup):
         batch,
         queue.shape[0],
         dim,
+        zn.stride(0),
         z.stride(0),
         z.stride(1),
         queue.stride(0),
         queue.stride(1),
         out.stride(0),
         out.stride(1),
-        **dict(plan.constexprs),
+        **constexprs,
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
         **({"maxnreg": plan.maxnreg} if plan.maxnreg is not None else {}),
@@ -464,7 +506,7 @@ def _launch(plan, z, queue, valid, k, lookup):
 
 
 def triton_nn_lookup(z, queue, valid, ieee, normalize_queue=False):
-    """(nearest rows in z's dtype, int64 indices; -1 and F.normalize(z) when nothing is searchable)."""
+    """(nearest rows in z's dtype, int64 indices; -1 and the normalised query when nothing is searchable)."""
     out, idx, _ = _search(z, queue, valid, 1, True, ieee, normalize_queue)
     return out, idx
 

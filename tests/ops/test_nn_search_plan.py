@@ -19,6 +19,7 @@ from nnclr_fast.ops.nn_search_plan import (
     ARCH_FAMILY,
     CANDIDATES,
     INTERPRETER,
+    MAX_KERNEL_TOPK,
     SMEM_MARGIN,
     DeviceSpec,
     SearchProblem,
@@ -56,11 +57,11 @@ def test_every_plan_fits_with_the_margin(device):
     for problem in problems():
         plan = plan_search(problem, device)
         assert plan.fused, (problem, plan.fallback)
-        need = smem_estimate(plan.config, problem, family)
+        need = smem_estimate(plan.config, problem, device)
         assert need + SMEM_MARGIN <= device.smem_per_block, (problem, plan.config.name, need)
         assert plan.config.ctas_per_sm * (need + 1024) <= device.smem_per_block + 1024
         assert plan.config in CANDIDATES[family][plan.config.kind]
-        assert plan.config.applies_to(problem.dim)
+        assert plan.config.applies_to(problem)
 
 
 @pytest.mark.parametrize("smem_kib", [99, 163, 227])
@@ -71,7 +72,7 @@ def test_any_cuda_part_of_a_planned_arch_fits_or_falls_back_by_name(arch, smem_k
     for problem in problems(dims=(64, 256, 512), batches=(32, 512)):
         plan = plan_search(problem, device)
         if plan.fused:
-            assert smem_estimate(plan.config, problem, ARCH_FAMILY[arch]) + SMEM_MARGIN <= device.smem_per_block
+            assert smem_estimate(plan.config, problem, device) + SMEM_MARGIN <= device.smem_per_block
         else:
             assert plan.fallback.startswith(f"Some GPU ({arch}): no config of the fused kernel fits D={problem.dim}")
 
@@ -182,7 +183,7 @@ def test_small_batches_take_64_query_blocks_where_one_fits(device):
     for problem in problems(dims=(64, 128, 256, 512), batches=(32,)):
         plan = plan_search(problem, device)
         small = [c for c in CANDIDATES[family][plan.config.kind]
-                 if c.block_b <= 64 and c.applies_to(problem.dim) and plans.fits(c, problem, device, family)]
+                 if c.block_b <= 64 and c.applies_to(problem) and plans.fits(c, problem, device)]
         assert plan.config.block_b == 64 or not small, plan.config.name
     # With D <= 128 every family has one.
     assert plan_search(SearchProblem(32, 128, 98_304, torch.float32, torch.bfloat16, False), device).config.block_b == 64
@@ -221,3 +222,35 @@ def test_device_spec_rejects_bad_fields_by_name(kwargs, match):
 @pytest.mark.parametrize("arch,capability", [("sm_75", (7, 5)), ("sm_90a", (9, 0)), ("sm_100a", (10, 0)), ("sm_120", (12, 0))])
 def test_capability_of_an_arch_name(arch, capability):
     assert DeviceSpec("cuda", arch, 1, 1).capability == capability
+
+
+@pytest.mark.parametrize("device", PLANNED + [INTERPRETER], ids=lambda d: d.arch)
+def test_the_first_pass_buffer_covers_whole_blocks(device):
+    # The search kernel reads the normalised queries with no mask: the buffer must hold every
+    # query block whole and D padded to whole chunks, and the first pass's grid must cover it.
+    for problem in problems(dims=(1, 100, 256, 300, 512), batches=(1, 65, 512)):
+        plan = plan_search(problem, device)
+        if not plan.fused:
+            continue
+        const = dict(plan.constexprs)
+        rows, cols = plan.query_buffer
+        assert rows == plan.grid[0] * const["BLOCK_B"] >= problem.batch
+        assert rows % plan.first_pass.rows == 0 and const["BLOCK_B"] % plan.first_pass.rows == 0
+        assert cols >= problem.dim and cols % const["BLOCK_D"] == 0 and cols % const["NORM_D"] == 0
+        assert cols == const["BLOCK_D"] or not const["D_RESIDENT"]
+        sixteen_bit = problem.queue_dtype != torch.float32 and not const["IEEE"]
+        assert plan.query_dtype == (problem.queue_dtype if sixteen_bit else torch.float32)
+
+
+@pytest.mark.parametrize("device", PLANNED, ids=lambda d: d.arch)
+def test_top_k_above_a_config_limit_takes_another_config(device):
+    # Two 8-warp CTAs per SM leave 128 registers per thread: a top-16 list spills there.
+    for problem in problems(dims=(128, 256), batches=(512,)):
+        problem = dataclasses.replace(problem, normalize_queue=problem.k > 1 and problem.dim == 256)
+        cfg = plan_search(problem, device).config
+        assert problem.k <= cfg.max_topk and (cfg.raw_bank or not problem.normalize_queue), (problem, cfg.name)
+        assert cfg.max_topk == MAX_KERNEL_TOPK or (cfg.ctas_per_sm > 1 and cfg.num_warps == 8), cfg.name
+    if ARCH_FAMILY[device.arch] == "wgmma":
+        def planned(k):
+            return plan_search(SearchProblem(512, 256, 98_304, torch.bfloat16, torch.bfloat16, False, k, k == 1), device)
+        assert planned(5).config.ctas_per_sm == 2 and planned(16).config.ctas_per_sm == 1
