@@ -18,8 +18,9 @@ The choice. A GEMM's rounding depends on where a column sits in it (MKL computes
 a tile's edge in another order), so identical rows can get different scores: the computed
 scores only shortlist. On a CPU (host reads are free) each chunk records just the maxima of its
 blocks of ``BLOCK`` rows; once all chunks are done, the blocks whose maximum lies within a true
-rounding bound of a query's k-th best are recomputed with a batched matrix-vector product, the
-rows that can still reach it are re-scored in float64 from the same operands (their products are
+rounding bound of a query's k-th best (found through the maxima of groups of ``GROUP`` blocks)
+are recomputed row by row in the compute dtype (within the same bound), the rows that can
+still reach it are re-scored in float64 from the same operands (their products are
 exact there, and every pair is summed in one fixed order), and the k best re-scored rows win,
 ties to the lowest index. So the answer is the exact top-k of the operands (up to float64
 rounding), identical rows tie exactly, and the returned scores are the float64 ones rounded to
@@ -64,6 +65,11 @@ DEFAULT_CHUNK_ROWS = None  # None: sized from SCORE_BLOCK_BYTES
 # blocks whose maximum reaches the bound, so smaller blocks recompute fewer rows and record more
 # maxima (B * K / BLOCK of them).
 BLOCK = 16
+
+# Blocks per group: the shortlist first compares the groups' maxima with each query's threshold
+# and only then the blocks of the groups that reach it, so it reads B * K / (BLOCK * GROUP) maxima
+# plus a few groups per query instead of comparing all B * K / BLOCK of them.
+GROUP = 16
 
 # Without host reads (see the module docstring): computed candidates re-scored per query, chunk
 # and wanted row.
@@ -279,27 +285,26 @@ def _search(z, queue, k, valid, ieee, normalize_queue, chunk_rows):
     return best_val, best_idx
 
 
-def _refilter(zq, queue, owner, cols, floor, dim):
+def _refilter(zq, queue, owner, cols, floor, slack):
     """Which queue rows of the shortlisted blocks (``cols``: the BLOCK rows of a block per line,
-    the block shortlisted for query ``owner``) can still reach ``floor`` within this
-    recomputation's own rounding bound: their scores recomputed in the compute dtype by a batched
-    matrix-vector product, cheaper than the float64 re-scoring of whole blocks (after a bfloat16
-    GEMM, whose rounding of the scores made the blocks' bound wide, it also narrows the shortlist
-    to a float32 bound)."""
-    unit = 2.0**-53 if zq.dtype == torch.float64 else 2.0**-24
-    terms = (dim + 2) * unit
-    rows_norm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
+    the block shortlisted for query ``owner``) can still reach ``floor``: their scores recomputed
+    in the compute dtype, row by row, cheaper than the float64 re-scoring of whole blocks (after a
+    bfloat16 GEMM, whose rounding of the scores made the blocks' bound wide, it also narrows the
+    shortlist to a float32 bound). ``slack`` bounds the recomputation's error per query: the
+    GEMM's own bound (gamma * ||q|| * R) holds for any order of the sum."""
+    dim = zq.shape[1]
     keep = torch.empty(cols.shape, dtype=torch.bool, device=zq.device)
     step = max(1, RESCORE_ELEMENTS // (cols.shape[1] * dim))
     for s in range(0, cols.shape[0], step):
         who, where = owner[s : s + step], cols[s : s + step]
-        rows = queue.index_select(0, where.reshape(-1)).view(*where.shape, dim).to(zq.dtype)
-        norms = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float64).nan_to_num_(nan=0.0)
-        scores = torch.bmm(rows, zq.index_select(0, who)[:, :, None]).squeeze(2).to(torch.float64)
-        slack = terms / (1 - terms) * rows_norm.index_select(0, who)[:, None] * norms * (1 + 2.0**-20)
-        # NaN scores rank as -inf: they reach only a floor of -inf.
-        scores = scores.nan_to_num_(nan=_NEG_INF)
-        keep[s : s + step] = (scores + slack >= floor.index_select(0, who)[:, None]) | torch.isneginf(floor.index_select(0, who))[:, None]
+        rows = queue.index_select(0, where.reshape(-1)).view(*where.shape, dim)
+        # An elementwise product and a sum: a batched matrix-vector product of these small
+        # operands took three times as long. The product promotes a 16-bit row exactly.
+        scores = (rows * zq.index_select(0, who)[:, None, :]).sum(dim=2).to(torch.float64)
+        # NaN scores rank as -inf: they reach only a floor of -inf (infinities stay as they are).
+        scores = scores.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
+        least = floor.index_select(0, who)[:, None]
+        keep[s : s + step] = (scores + slack.index_select(0, who)[:, None] >= least) | torch.isneginf(least)
     return keep
 
 
@@ -313,17 +318,22 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
     # Row norms in the queue's dtype (a 16-bit norm, accumulated in float32 and rounded once, is
     # ten times cheaper than one asked for in float32; the bound allows for its rounding).
     norms = None if normalize_queue else queue.new_empty(stop)
-    # One (blocks, B) buffer: each chunk's maxima are a contiguous slice of it.
+    # One (blocks, B) buffer: each chunk's maxima are a contiguous slice of it, and -inf rows pad
+    # it to whole groups.
     offsets = [0]
     for start in starts:
         offsets.append(offsets[-1] + _blocks(min(scorer.chunk, stop - start)))
-    block_max = scorer.lhs.new_empty((offsets[-1], batch))
+    groups = -(-offsets[-1] // GROUP)
+    grouped = scorer.lhs.new_empty((groups, GROUP, batch))
+    block_max = grouped.view(-1, batch)[: offsets[-1]]
+    grouped.view(-1, batch)[offsets[-1] :] = _NEG_INF
     for i, start in enumerate(starts):
         n = min(scorer.chunk, stop - start)
         _block_max(scorer.score(start, n), block_max[offsets[i] : offsets[i + 1]])
         if norms is not None:
             torch.linalg.vector_norm(queue[start : start + n], dim=1, out=norms[start : start + n])
-    row_max = block_max.amax(dim=0)
+    group_max = grouped.amax(dim=1)
+    row_max = group_max.amax(dim=0)
     if bool(torch.isnan(row_max).any()):
         # NaN ranks as -inf: re-scored and cleaned only in the chunks that have some (amax
         # propagated it), so NaN-free data pays nothing.
@@ -332,7 +342,8 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
                 sims = scorer.score(start, min(scorer.chunk, stop - start))
                 sims.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
                 _block_max(sims, block_max[offsets[i] : offsets[i + 1]])
-        row_max = block_max.amax(dim=0)
+        group_max = grouped.amax(dim=1)
+        row_max = group_max.amax(dim=0)
 
     # The bound on |computed - exact| per query: slack * ||q|| * R, R the largest finite row norm
     # (rows with Inf or NaN score exactly: inf arithmetic has no rounding).
@@ -372,21 +383,24 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
     rounded = threshold.to(block_max.dtype)
     too_high = rounded.to(torch.float64) > threshold
     rounded = torch.where(too_high, torch.nextafter(rounded, torch.full_like(rounded, _NEG_INF)), rounded)
-    hit = block_max >= rounded
     # A query with fewer than k blocks above -inf (NaN scores, a NaN query): its -inf rows rank by
     # index, so the first k * (BLOCK + 1) rows hold its k lowest -inf rows whatever its at most
-    # k - 1 other blocks take.
+    # k - 1 other blocks take; its -inf blocks (the padding too) are not shortlisted.
     no_floor = torch.isneginf(rounded)
     floorless = no_floor.nonzero().squeeze(1)
+    group, owner = (group_max >= rounded).nonzero(as_tuple=True)
+    candidates = grouped[group, :, owner]  # (groups hit, GROUP) block maxima of their query
+    hit = candidates >= rounded.index_select(0, owner)[:, None]
     if floorless.numel():
-        hit &= ~(no_floor & torch.isneginf(block_max))
-    block, owner = hit.nonzero(as_tuple=True)
+        hit &= ~(no_floor.index_select(0, owner)[:, None] & torch.isneginf(candidates))
+    which, member = hit.nonzero(as_tuple=True)
+    block, owner = group.index_select(0, which) * GROUP + member, owner.index_select(0, which)
     first, length = _block_rows(stop, scorer.chunk, device)
     offsets = torch.arange(BLOCK, device=device)
     cols = first.index_select(0, block)[:, None] + offsets
     keep = offsets < length.index_select(0, block)[:, None]
     if not normalize_queue:
-        keep &= _refilter(zq, queue, owner, cols.clamp(max=stop - 1), threshold + bound, dim)
+        keep &= _refilter(zq, queue, owner, cols.clamp(max=stop - 1), threshold + bound, gamma * qnorm * largest)
     owner, cols = owner[:, None].expand_as(cols)[keep], cols[keep]
     if floorless.numel():
         head = torch.arange(min(stop, k * (BLOCK + 1)), device=device)

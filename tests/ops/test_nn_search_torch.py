@@ -66,6 +66,20 @@ def test_topk_matches_reference_exactly(chunk_rows, k):
     assert torch.equal(vals, ref_vals)
 
 
+@pytest.mark.parametrize("k", [1, 5])
+def test_shortlist_across_groups_of_blocks(k):
+    # Full blocks of BLOCK rows in several groups of GROUP blocks, the last group partly padding;
+    # ties between rows of different groups, a NaN query (no floor) and NaN rows.
+    rows = nn_search_torch.BLOCK * nn_search_torch.GROUP * 3 + 37
+    z, queue = integer_inputs(9, rows, 8, seed=6)
+    queue[[5, 300, rows - 1]] = NAN
+    z[4] = NAN
+    vals, idx = torch_nn_topk(z, queue, k)
+    ref_vals, ref_idx = reference_nn_topk(z, queue, k)
+    assert torch.equal(idx, ref_idx) and torch.equal(vals, ref_vals)
+    assert torch.equal(torch_nn_lookup(z, queue)[1], reference_nn_lookup(z, queue)[1])
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_lookup_matches_reference_exactly(chunk_rows, q_dtype):
