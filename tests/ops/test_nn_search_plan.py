@@ -94,17 +94,22 @@ def test_tma_only_on_cuda_sm90_and_newer(device):
     assert not plan_search(unaligned, device).use_tma
 
 
+def device_spec_from(monkeypatch, props, hip_version):
+    """DeviceSpec.of(cuda:0) as torch would describe a device with these properties."""
+    monkeypatch.setattr(torch.version, "hip", hip_version)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    plans._device_spec.cache_clear()
+    try:
+        return DeviceSpec.of(torch.device("cuda", 0))
+    finally:
+        plans._device_spec.cache_clear()
+
+
 def test_rocm_capability_is_never_read_as_hopper(monkeypatch):
     # A ROCm build of torch reports gfx942 as "cuda" with capability (9, 4).
     props = SimpleNamespace(gcnArchName="gfx942:sramecc+:xnack-", major=9, minor=4, multi_processor_count=304,
                             shared_memory_per_block_optin=65_536, shared_memory_per_block=65_536, name="AMD Instinct MI300X")
-    monkeypatch.setattr(torch.version, "hip", "6.4.0")
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    plans._device_spec.cache_clear()
-    try:
-        device = DeviceSpec.of(torch.device("cuda", 0))
-    finally:
-        plans._device_spec.cache_clear()
+    device = device_spec_from(monkeypatch, props, "6.4.0")
     assert device == DeviceSpec("hip", "gfx942", 304, 65_536, "AMD Instinct MI300X")
     assert device.capability is None
     plan = plan_search(SearchProblem(512, 256, 98_304, torch.float32, torch.bfloat16, False), device)
@@ -114,13 +119,7 @@ def test_rocm_capability_is_never_read_as_hopper(monkeypatch):
 def test_cuda_device_spec_from_properties(monkeypatch):
     props = SimpleNamespace(major=9, minor=0, multi_processor_count=132, shared_memory_per_block_optin=232_448,
                             shared_memory_per_block=49_152, name="NVIDIA H100 80GB HBM3")
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    plans._device_spec.cache_clear()
-    try:
-        device = DeviceSpec.of(torch.device("cuda", 0))
-    finally:
-        plans._device_spec.cache_clear()
+    device = device_spec_from(monkeypatch, props, None)
     assert device == DeviceSpec("cuda", "sm_90a", 132, 232_448, "NVIDIA H100 80GB HBM3")
     assert device.capability == (9, 0)
 
