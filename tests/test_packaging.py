@@ -13,7 +13,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Run from a directory outside the checkout, with only the installed wheel on the path.
 USE_INSTALLED = """
-import sys, torch
+import sys
+# An editable install of the checkout adds a finder that would serve nnclr_fast._C from the
+# checkout (where `pip install --no-build-isolation -e .` builds it) to the installed package.
+sys.meta_path[:] = [finder for finder in sys.meta_path if getattr(finder, "__name__", "") != "_EditableFinder"]
+import torch
 import nnclr_fast
 from nnclr_fast.ops import enqueue as enqueue_op, extension
 site = sys.argv[1]
