@@ -28,7 +28,9 @@ float32. The bound per query is ``gamma(2D + 16) * ||q|| * R`` with ``R`` the la
 finite row (1 under ``normalize_queue``; rows holding Inf or NaN score exactly, inf arithmetic
 has no rounding) and ``gamma(n) = n u / (1 - n u)`` (a dot product of length D is off by at most
 gamma(D) * sum |q_i r_i|; the rest covers the norms and the division), plus 2^-8 of the scores'
-size where the GEMM writes bfloat16.
+size where the GEMM writes bfloat16, plus an absolute ``tiny * (sqrt(D) (||q|| + R) + 2D + 2)``
+(``tiny`` the smallest normal number of the accumulation): a GEMM may flush subnormal inputs,
+products and partial sums to zero (oneDNN's bfloat16 GEMM does), which no relative bound covers.
 
 Devices other than the CPU must not read device memory on the host (CUDA graph capture; see
 ``_host_reads_free``): there each query re-scores the ``k + SYNC_FREE_EXTRA`` best computed rows
@@ -291,7 +293,7 @@ def _refilter(zq, queue, owner, cols, floor, slack):
     in the compute dtype, row by row, cheaper than the float64 re-scoring of whole blocks (after a
     bfloat16 GEMM, whose rounding of the scores made the blocks' bound wide, it also narrows the
     shortlist to a float32 bound). ``slack`` bounds the recomputation's error per query: the
-    GEMM's own bound (gamma * ||q|| * R) holds for any order of the sum."""
+    GEMM's own bound without its output rounding holds for any order of the sum."""
     dim = zq.shape[1]
     keep = torch.empty(cols.shape, dtype=torch.bool, device=zq.device)
     step = max(1, RESCORE_ELEMENTS // (cols.shape[1] * dim))
@@ -364,7 +366,10 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
                 largest = max(largest, float(torch.linalg.vector_norm(rows, dim=1).amax()))
     qnorm = torch.linalg.vector_norm(zq, dim=1, dtype=torch.float64).nan_to_num_(nan=0.0)
     gamma, out_unit = _slack(dim, zq.dtype, scorer.lhs.dtype)
-    cauchy_schwarz = qnorm * largest * (1 + gamma)  # no finite score is larger than this
+    # Flushed subnormals (see the module docstring): at most `tiny` times each input's other
+    # operand and `tiny` per product or partial sum.
+    flushed = torch.finfo(zq.dtype).tiny * (dim**0.5 * (qnorm + largest) + 2 * dim + 2)
+    cauchy_schwarz = qnorm * largest * (1 + gamma) + flushed  # no finite computed score is larger
     # The k-th largest block maximum is a lower bound on the k-th best computed score (k blocks
     # hold a score at least that large each); an exact k-th best lies within the bound of it, so
     # a row can be among the k best only if its computed score reaches `threshold`.
@@ -377,7 +382,7 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
     # A bfloat16 result's rounding scales with the score: only scores between the threshold and
     # the best matter, and none of those exceeds `size`.
     size = torch.minimum(torch.maximum(row_max.to(torch.float64).abs(), kth.abs()) + 2 * (gamma + out_unit) * cauchy_schwarz, cauchy_schwarz)
-    bound = gamma * qnorm * largest + out_unit / (1 - out_unit) * size
+    bound = gamma * qnorm * largest + flushed + out_unit / (1 - out_unit) * size
     threshold = kth - 2 * bound
     # Compared in the scores' dtype, rounded down so that nothing within the bound is lost.
     rounded = threshold.to(block_max.dtype)
@@ -400,7 +405,7 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
     cols = first.index_select(0, block)[:, None] + offsets
     keep = offsets < length.index_select(0, block)[:, None]
     if not normalize_queue:
-        keep &= _refilter(zq, queue, owner, cols.clamp(max=stop - 1), threshold + bound, gamma * qnorm * largest)
+        keep &= _refilter(zq, queue, owner, cols.clamp(max=stop - 1), threshold + bound, gamma * qnorm * largest + flushed)
     owner, cols = owner[:, None].expand_as(cols)[keep], cols[keep]
     if floorless.numel():
         head = torch.arange(min(stop, k * (BLOCK + 1)), device=device)

@@ -80,6 +80,23 @@ def test_shortlist_across_groups_of_blocks(k):
     assert torch.equal(torch_nn_lookup(z, queue)[1], reference_nn_lookup(z, queue)[1])
 
 
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
+def test_subnormal_products_do_not_decide(q_dtype):
+    # Row 100's products with the query are subnormal; oneDNN's bfloat16 GEMM flushes them (and
+    # its partial sums) to zero, so its computed score is 0 while it is the exact best (1.5 times
+    # row 0's), in another block than row 0. Exact in bfloat16 and float32. (Where the CPU has no
+    # native bfloat16, the float32 GEMM does not flush and this passes either way.)
+    dim = 256
+    z = torch.ones(1, dim)
+    queue = torch.zeros(200, dim)
+    queue[0, 0] = 2.0**-118
+    queue[100] = 1.5 * 2.0**-126
+    queue = queue.to(q_dtype)
+    for ieee in (False, True):
+        assert torch_nn_lookup(z, queue, ieee=ieee)[1].tolist() == [100]
+        assert torch_nn_topk(z, queue, 2, ieee=ieee)[1].tolist() == [[100, 0]]
+
+
 @pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
 @pytest.mark.parametrize("q_dtype", [torch.float32, torch.bfloat16])
 def test_lookup_matches_reference_exactly(chunk_rows, q_dtype):
