@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED_MATH = {"mma_sync": "mma.sync", "wgmma": "wgmma", "tcgen05": "tcgen05", "mfma": "mfma"}
 
 
-pytestmark = pytest.mark.slow  # 392 distinct compiles: about 14 CPU-minutes cold (Triton caches them)
+pytestmark = pytest.mark.slow  # 523 distinct compiles: about 10 minutes cold on 2 cores (Triton caches them)
 
 
 @pytest.fixture(scope="module")
