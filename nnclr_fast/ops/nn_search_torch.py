@@ -335,8 +335,7 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
         if norms is not None:
             torch.linalg.vector_norm(queue[start : start + n], dim=1, out=norms[start : start + n])
     group_max = grouped.amax(dim=1)
-    row_max = group_max.amax(dim=0)
-    if bool(torch.isnan(row_max).any()):
+    if bool(torch.isnan(group_max).any()):
         # NaN ranks as -inf: re-scored and cleaned only in the chunks that have some (amax
         # propagated it), so NaN-free data pays nothing.
         for i, start in enumerate(starts):
@@ -345,7 +344,7 @@ def _shortlist_search(zq, queue, stop, k, normalize_queue, scorer):
                 sims.nan_to_num_(nan=_NEG_INF, posinf=float("inf"), neginf=_NEG_INF)
                 _block_max(sims, block_max[offsets[i] : offsets[i + 1]])
         group_max = grouped.amax(dim=1)
-        row_max = group_max.amax(dim=0)
+    row_max = group_max.amax(dim=0)
 
     # The bound on |computed - exact| per query: slack * ||q|| * R, R the largest finite row norm
     # (rows with Inf or NaN score exactly: inf arithmetic has no rounding).

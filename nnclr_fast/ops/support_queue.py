@@ -243,7 +243,7 @@ class NNMemoryBankModule(nn.Module):
                 raise ValueError(f"{key} has {bank.shape[0]} rows but this module's size is {self._rows}")
             if bank.shape[1] < 1:
                 raise ValueError(f"{key} has no columns (shape {tuple(bank.shape)})")
-            self.queue = SupportQueue(bank.shape[0], bank.shape[1], bank.dtype, gather_distributed=self._gather_distributed)
+            self.queue = self._make_queue(bank.shape[1], bank.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
